@@ -1,0 +1,105 @@
+"""Audit pipeline labels against held-out ground truth and write a report.
+
+Usage::
+
+    python jobs/audit.py --labels OUTPUT --ground-truth URI [--gt-format coco|masks|parquet]
+        [--category-map FILE] --report DIR [--fail-under MIOU]
+
+Exit status: 0 success, 1 mIoU below ``--fail-under``, 2 bad input (one-line message on
+stderr). Progress goes to stderr, the summary to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.audit import AuditConfig, AuditError, run_audit
+from pipeline.audit.runner import GT_FORMATS
+
+EXIT_INPUT_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    p = argparse.ArgumentParser(prog="audit", description=__doc__.split("\n\n")[0])
+    p.add_argument("--labels", required=True, help="pipeline output root (labels/ + run.json)")
+    p.add_argument("--ground-truth", required=True,
+                   help="COCO JSON file, folder/prefix of mask PNGs, or labels-schema output")
+    p.add_argument("--gt-format", choices=GT_FORMATS, default=None,
+                   help="ground-truth format (default: detected from the URI)")
+    p.add_argument("--category-map", default=None,
+                   help="JSON object {vocabulary class: gt category name | id | null}")
+    p.add_argument("--report", required=True, help="report directory (any fsspec URI)")
+    p.add_argument("--fail-under", type=float, default=None, metavar="MIOU",
+                   help="exit with status 1 when mIoU (percent) is below this")
+    p.add_argument("--gt-classes", default=None,
+                   help="class list of mask ground truth (default ROOT/classes.txt)")
+    p.add_argument("--mask-suffix", default=".png", help="mask file-name ending (default .png)")
+    p.add_argument("--reduce-zero-label", action="store_true",
+                   help="masks: value 0 is unlabeled (mmseg reduce_zero_label)")
+    p.add_argument("--coco-unlabeled", choices=("background", "ignore"), default="background",
+                   help="COCO: pixels without annotation are 'background' or ignored")
+    p.add_argument("--worst-k", type=int, default=8, help="worst images shown (default 8)")
+    p.add_argument("--coco-ap", action="store_true",
+                   help="also compute COCOeval segm AP over per-(image, class) regions")
+    p.add_argument("--storage-options", default=None,
+                   help="JSON object of fsspec storage options for every URI")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> AuditConfig:
+    """Turn parsed arguments into an :class:`AuditConfig` (raises ``AuditError``)."""
+    options = {}
+    if args.storage_options:
+        try:
+            options = json.loads(args.storage_options)
+        except json.JSONDecodeError as error:
+            raise AuditError(f"--storage-options is not valid JSON: {error}") from None
+        if not isinstance(options, dict):
+            raise AuditError("--storage-options must be a JSON object")
+    return AuditConfig(
+        labels=args.labels, ground_truth=args.ground_truth, report_dir=args.report,
+        gt_format=args.gt_format, category_map=args.category_map, gt_classes=args.gt_classes,
+        mask_suffix=args.mask_suffix, reduce_zero_label=args.reduce_zero_label,
+        coco_unlabeled=args.coco_unlabeled, worst_k=args.worst_k, coco_ap=args.coco_ap,
+        fail_under=args.fail_under, storage_options=options, progress=not args.no_progress,
+    )
+
+
+def _print_summary(metrics: dict, files: list[str]) -> None:
+    def fmt(value):
+        return "n/a" if value is None else f"{value:.2f}"
+
+    un = metrics["unmatched"]
+    print(f"images {metrics['num_images']}  mIoU {fmt(metrics['mIoU'])}  "
+          f"aAcc {fmt(metrics['aAcc'])}  mAcc {fmt(metrics['mAcc'])}  "
+          f"presence mAP {fmt(metrics['presence_mAP'])}")
+    print(f"unmatched: ground truth {un['ground_truth']}, predictions {un['predictions']}, "
+          f"failed {un['failed_predictions']}, invalid {un['invalid_predictions']}, "
+          f"duplicates {un['duplicate_predictions']}")
+    print(f"report: {files[0].rsplit('/', 1)[0]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the audit; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        outcome = run_audit(config_from_args(args))
+    except AuditError as error:
+        print(f"audit: error: {error}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except OSError as error:
+        print(f"audit: error: {error}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    _print_summary(outcome.metrics, outcome.files)
+    if outcome.exit_code:
+        print(f"audit: mIoU {outcome.metrics['mIoU']} is below --fail-under {args.fail_under}",
+              file=sys.stderr)
+    return outcome.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The audit: stream the labels, match each row to a ground-truth image, evaluate, report."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .categories import build_mapping, parse_mapping_text
+from .errors import AuditError
+from .evaluator import EvaluationResult, Evaluator
+from .gt_base import GroundTruth
+from .gt_coco import UNLABELED_CHOICES, CocoGroundTruth
+from .gt_masks import MaskFolderGroundTruth, load_class_list
+from .predictions import (
+    LabelsSource,
+    is_ok,
+    iter_rows,
+    open_labels,
+    row_aliases,
+    row_class_scores,
+    row_label_map,
+    row_presence,
+)
+from .progress import Progress
+from .report import EXAMPLES, build_metrics
+from .sources import load_source_image, read_text, url_to_fs
+from .worst import ImageRef
+from .writer import write_report
+
+GT_FORMATS = ("coco", "masks", "parquet")
+EXIT_OK, EXIT_BELOW_BAR = 0, 1
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Inputs and options of one audit (see ``jobs/audit.py`` for the command line).
+
+    Attributes:
+        labels: the pipeline's output root (``labels/`` + ``run.json``).
+        ground_truth: COCO JSON file, mask folder/prefix, or labels-schema output root.
+        report_dir: where the report files go.
+        gt_format: ``"coco"``, ``"masks"`` or ``"parquet"``; ``None`` detects it.
+        category_map: JSON mapping file (class -> ground-truth category), optional.
+        gt_classes: class list of mask ground truth (default ``ROOT/classes.txt``).
+        mask_suffix: file-name ending of the masks.
+        reduce_zero_label: mmseg's rule for masks whose 0 means unlabeled.
+        coco_unlabeled: ``"background"`` or ``"ignore"`` for pixels no COCO annotation covers.
+        worst_k: number of worst images shown with overlays.
+        coco_ap: also compute COCOeval segm AP (memory grows with the dataset).
+        fail_under: mIoU bar in percent; below it the audit exits with status 1.
+        storage_options: fsspec options for every URI.
+        progress: show progress on stderr.
+    """
+
+    labels: str
+    ground_truth: str
+    report_dir: str
+    gt_format: str | None = None
+    category_map: str | None = None
+    gt_classes: str | None = None
+    mask_suffix: str = ".png"
+    reduce_zero_label: bool = False
+    coco_unlabeled: str = "background"
+    worst_k: int = 8
+    coco_ap: bool = False
+    fail_under: float | None = None
+    storage_options: dict = field(default_factory=dict)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.gt_format is not None and self.gt_format not in GT_FORMATS:
+            raise AuditError(f"--gt-format must be one of {', '.join(GT_FORMATS)}")
+        if self.coco_unlabeled not in UNLABELED_CHOICES:
+            raise AuditError(f"--coco-unlabeled must be one of {', '.join(UNLABELED_CHOICES)}")
+        if self.worst_k < 0:
+            raise AuditError("--worst-k must be >= 0")
+        if self.fail_under is not None and not 0.0 <= self.fail_under <= 100.0:
+            raise AuditError("--fail-under is an mIoU in percent (0..100)")
+
+
+@dataclass
+class AuditOutcome:
+    """What an audit produced: the metrics document, written files and the exit status."""
+
+    metrics: dict
+    files: list[str]
+    exit_code: int
+
+
+@dataclass
+class MatchLog:
+    """Images that were not evaluated, by reason (never dropped silently)."""
+
+    matched: set[str] = field(default_factory=set)
+    predictions: list[str] = field(default_factory=list)
+    failed_predictions: list[tuple[str, str]] = field(default_factory=list)
+    invalid_predictions: list[tuple[str, str]] = field(default_factory=list)
+    duplicate_predictions: list[tuple[str, str]] = field(default_factory=list)
+
+
+def detect_format(uri: str, storage_options: Mapping | None = None) -> str:
+    """``coco`` for ``*.json``; ``parquet`` for a folder with ``run.json`` or ``labels/``;
+    otherwise ``masks``."""
+    if uri.lower().endswith(".json"):
+        return "coco"
+    fs, root = url_to_fs(uri, storage_options)
+    root = root.rstrip("/")
+    if fs.exists(f"{root}/run.json") or fs.isdir(f"{root}/labels"):
+        return "parquet"
+    return "masks"
+
+
+def open_ground_truth(config: AuditConfig) -> GroundTruth:
+    """The ground-truth reader for the configured (or detected) format."""
+    options = config.storage_options
+    fmt = config.gt_format or detect_format(config.ground_truth, options)
+    if fmt == "coco":
+        return CocoGroundTruth(config.ground_truth, options, config.coco_unlabeled)
+    if fmt == "parquet":
+        from .gt_parquet import ParquetGroundTruth
+
+        return ParquetGroundTruth(config.ground_truth, options)
+    classes = load_class_list(config.gt_classes, options) if config.gt_classes else None
+    return MaskFolderGroundTruth(config.ground_truth, classes, config.mask_suffix,
+                                 config.reduce_zero_label, options)
+
+
+def _evaluate_row(row: dict, labels: LabelsSource, gt: GroundTruth, evaluator: Evaluator,
+                  log: MatchLog) -> str:
+    """Evaluate or log one labels row; returns what happened (for the progress line)."""
+    image_id = str(row.get("image_id"))
+    if not is_ok(row):
+        log.failed_predictions.append((image_id, f"{row.get('status')}: {row.get('error')}"))
+        return "failed"
+    key = gt.match(row_aliases(row))
+    if key is None:
+        log.predictions.append(image_id)
+        return "unmatched"
+    if key in log.matched:
+        log.duplicate_predictions.append((image_id, key))
+        return "duplicate"
+    log.matched.add(key)
+    try:
+        pred = row_label_map(row, labels)
+    except (ValueError, KeyError, TypeError) as error:
+        log.invalid_predictions.append((image_id, str(error)))
+        return "invalid"
+    ref = ImageRef(image_id, row.get("source_uri"), row.get("key"))
+    evaluator.add(ref, gt.load(key).label_map, pred, row_presence(row),
+                  row_class_scores(row, labels))
+    return "ok"
+
+
+def _unmatched(log: MatchLog, gt: GroundTruth, labels: LabelsSource) -> tuple[dict, dict]:
+    lists = {
+        "ground_truth": [k for k in gt.keys() if k not in log.matched],
+        "predictions": log.predictions,
+        "failed_predictions": log.failed_predictions,
+        "invalid_predictions": log.invalid_predictions,
+        "duplicate_predictions": log.duplicate_predictions,
+        "incomplete_shards": labels.incomplete_shards,
+    }
+    counts: dict = {kind: len(items) for kind, items in lists.items()}
+    counts["examples"] = {kind: [item[0] if isinstance(item, tuple) else item
+                                 for item in items[:EXAMPLES]] for kind, items in lists.items()}
+    return counts, lists
+
+
+def _mapping(config: AuditConfig, labels: LabelsSource, gt: GroundTruth):
+    explicit = None
+    if config.category_map:
+        text = read_text(config.category_map, config.storage_options, "category map")
+        explicit = parse_mapping_text(text, config.category_map)
+    mapping = build_mapping(labels.classes, gt.categories, explicit)
+    if not mapping.mapped_gt:
+        raise AuditError("no vocabulary class matches a ground-truth category by name; "
+                         "pass --category-map FILE")
+    return mapping
+
+
+def evaluate_labels(config: AuditConfig) -> tuple[EvaluationResult, dict, dict, dict]:
+    """Run the evaluation; returns (result, unmatched counts, unmatched lists, sources)."""
+    labels = open_labels(config.labels, config.storage_options)
+    gt = open_ground_truth(config)
+    evaluator = Evaluator(_mapping(config, labels, gt), config.worst_k, config.coco_ap)
+    log = MatchLog()
+    progress = Progress("audit: rows", None, sys.stderr if config.progress else None)
+    for row in iter_rows(labels):
+        outcome = _evaluate_row(row, labels, gt, evaluator, log)
+        progress.update(1, **({outcome: 1} if outcome != "ok" else {}))
+    progress.close()
+    counts, lists = _unmatched(log, gt, labels)
+    sources = {"labels": config.labels, "ground_truth": gt.description,
+               "vocabulary_hash": labels.vocabulary_hash}
+    return evaluator.result(), counts, lists, sources
+
+
+def run_audit(config: AuditConfig) -> AuditOutcome:
+    """Evaluate, write the report, and decide the exit status against ``fail_under``."""
+    result, counts, lists, sources = evaluate_labels(config)
+    metrics = build_metrics(result, counts, sources, config.fail_under)
+    options = config.storage_options
+
+    def load_image(ref: ImageRef):
+        return load_source_image(ref.source_uri, ref.key, options)
+
+    files = write_report(config.report_dir, result, metrics, lists, load_image, options)
+    return AuditOutcome(metrics, files, below_bar(metrics["mIoU"], config.fail_under))
+
+
+def below_bar(miou_percent: float | None, fail_under: float | None) -> int:
+    """Exit status: 1 when a bar is set and mIoU is below it (or undefined), else 0."""
+    if fail_under is None:
+        return EXIT_OK
+    if miou_percent is None or math.isnan(miou_percent) or miou_percent < fail_under:
+        return EXIT_BELOW_BAR
+    return EXIT_OK
