@@ -1,0 +1,58 @@
+"""Export a labeling output to one COCO JSON file (instances with RLE masks, iscrowd 0).
+
+    python jobs/export_coco.py --labels OUTPUT --out labels.json
+
+Only ``ok`` rows of completed shards become COCO images; error rows are counted and skipped.
+Rows are streamed shard by shard, so memory stays bounded on large outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from schemas import write_coco_json
+from schemas.io import iter_label_rows, read_run_record, record_categories
+
+COCO_COLUMNS = ("image_id", "source_uri", "key", "width", "height", "status", "annotations")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="export_coco.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--labels", required=True, help="labeling output URI (has run.json)")
+    parser.add_argument("--out", required=True, help="COCO JSON file to write (path or URI)")
+    parser.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
+                        help="fsspec options for the output and --out (default: {})")
+    return parser
+
+
+def export(labels_uri: str, out_uri: str, storage_options: dict | None = None) -> dict:
+    """Write the COCO JSON; returns counts of images and annotations."""
+    import fsspec
+
+    record = read_run_record(labels_uri, storage_options)
+    categories = record_categories(record)
+    info = {"description": "CASS pseudo-labels", "fingerprint": record.get("fingerprint"),
+            "vocabulary_hash": record.get("vocabulary_hash"),
+            "preset": record.get("preset"), "schema_version": record.get("schema_version")}
+    rows = iter_label_rows(labels_uri, storage_options, columns=COCO_COLUMNS)
+    with fsspec.open(out_uri, "w", encoding="utf-8", **(storage_options or {})) as fp:
+        return write_coco_json(rows, categories, fp, info=info)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        counts = export(args.labels, args.out, args.storage_options)
+    except (FileNotFoundError, PermissionError) as exc:
+        print(f"export_coco.py: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {counts['images']} images, {counts['annotations']} annotations "
+          f"to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Typed, frozen configuration of a labeling job. Defaults live here; the CLI only overrides.
+
+Three groups, validated on construction:
+
+- :class:`IOConfig`: where images come from and where labels go.
+- :class:`ComputeConfig`: actors, GPUs, batch size, in-flight bounds, retries.
+- :class:`EngineSpec` (in :mod:`pipeline.engine`): a picklable recipe for the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+InputFormat = Literal["auto", "webdataset", "parquet", "images"]
+INPUT_FORMATS = ("auto", "webdataset", "parquet", "images")
+
+#: Default decompression-bomb limit (pixels); about 64 megapixels (8000 x 8000).
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session", "auth")
+
+
+def redact(options: Mapping | None) -> dict:
+    """A copy of storage options safe to log: values of secret-looking keys become ``"***"``."""
+    out: dict = {}
+    for name, value in (options or {}).items():
+        if isinstance(value, Mapping):
+            out[name] = redact(value)
+        elif any(word in str(name).lower() for word in _SECRET_WORDS):
+            out[name] = "***"
+        else:
+            out[name] = value
+    return out
+
+
+@dataclass(frozen=True)
+class IOConfig:
+    """Input and output.
+
+    Attributes:
+        input_uri: fsspec URI of the input: a prefix/directory, a glob, or one shard file.
+        output_uri: fsspec URI of the output prefix.
+        input_format: ``auto`` detects from file extensions.
+        images_per_shard: image files per shard for plain image prefixes.
+        image_column: image-bytes column of Parquet shards (binary, or struct with ``bytes``).
+        id_column: optional key column of Parquet shards (default: row number).
+        storage_options: fsspec keyword arguments for input and output filesystems
+            (credentials are never logged or recorded).
+        max_image_pixels: images with more pixels are error rows (``too_large``).
+        limit: label at most this many images (smoke runs); None = all.
+        overwrite: allow a different vocabulary/config to replace an existing output.
+    """
+
+    input_uri: str
+    output_uri: str
+    input_format: InputFormat = "auto"
+    images_per_shard: int = 1000
+    image_column: str = "image"
+    id_column: str | None = None
+    storage_options: Mapping = field(default_factory=dict)
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    limit: int | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check(bool(self.input_uri), "input_uri is required")
+        _check(bool(self.output_uri), "output_uri is required")
+        _check(self.input_format in INPUT_FORMATS,
+               f"input_format must be one of {', '.join(INPUT_FORMATS)}")
+        _check(self.images_per_shard >= 1, "images_per_shard must be >= 1")
+        _check(self.max_image_pixels >= 1, "max_image_pixels must be >= 1")
+        _check(self.limit is None or self.limit >= 1, "limit must be >= 1")
+        _check(isinstance(self.storage_options, Mapping), "storage_options must be a mapping")
+        _check(self.input_uri.rstrip("/") != self.output_uri.rstrip("/"),
+               "input and output must differ")
+
+    def public_dict(self) -> dict:
+        """JSON view with credentials redacted, for run records and logs."""
+        return {
+            "input_uri": self.input_uri, "output_uri": self.output_uri,
+            "input_format": self.input_format, "images_per_shard": self.images_per_shard,
+            "image_column": self.image_column, "id_column": self.id_column,
+            "storage_options": redact(self.storage_options),
+            "max_image_pixels": self.max_image_pixels, "limit": self.limit,
+            "overwrite": self.overwrite,
+        }
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Compute resources and flow control.
+
+    Attributes:
+        actors: number of engine actors; None = one per ``gpus_per_actor`` GPUs in the
+            cluster, or one CPU actor when the cluster has no GPUs.
+        gpus_per_actor: GPUs reserved by each actor (0 forces CPU actors).
+        cpus_per_actor: CPUs reserved by each actor; None = the node's CPUs shared evenly.
+        batch_size: images per engine call.
+        shards_per_actor: shards in flight per actor (2 overlaps one shard's decoding and
+            writing with the other's engine work).
+        decode_threads: threads decoding images inside each actor.
+        prefetch_batches: decoded batches queued ahead of the engine, per shard.
+        max_attempts: attempts per shard before it is reported as failed.
+        progress_interval_s: seconds between progress lines.
+    """
+
+    actors: int | None = None
+    gpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = None
+    batch_size: int = 8
+    shards_per_actor: int = 2
+    decode_threads: int = 2
+    prefetch_batches: int = 2
+    max_attempts: int = 3
+    progress_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check(self.actors is None or self.actors >= 1, "actors must be >= 1")
+        _check(self.gpus_per_actor >= 0, "gpus_per_actor must be >= 0")
+        _check(self.cpus_per_actor is None or self.cpus_per_actor > 0,
+               "cpus_per_actor must be > 0")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.shards_per_actor >= 1, "shards_per_actor must be >= 1")
+        _check(self.decode_threads >= 1, "decode_threads must be >= 1")
+        _check(self.prefetch_batches >= 1, "prefetch_batches must be >= 1")
+        _check(self.max_attempts >= 1, "max_attempts must be >= 1")
+        _check(self.progress_interval_s > 0, "progress_interval_s must be > 0")
+
+
+class ConfigError(ValueError):
+    """A job configuration value is invalid."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)

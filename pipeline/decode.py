@@ -1,0 +1,97 @@
+"""Decode image bytes to RGB uint8 arrays, or to an error kind.
+
+Rules:
+    - EXIF orientation is applied (width/height in the output are after rotation).
+    - Every mode becomes RGB: grayscale and palette are expanded; alpha is dropped (colour
+      values kept, as torchvision/open_clip loaders do); CMYK uses Pillow's conversion;
+      integer (16-bit) single-channel images are scaled to 8 bits (``value >> 8``);
+      float images are clipped to [0, 255].
+    - Zero bytes -> ``empty``; more than ``max_image_pixels`` pixels (checked from the header,
+      before any pixel is decoded) -> ``too_large``; anything Pillow cannot read, including
+      truncated data -> ``decode_error``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# The pipeline enforces its own limit (``max_image_pixels``) right after reading the header;
+# Pillow's warning for large images is redundant here. (A process-wide filter: the
+# ``catch_warnings`` context manager is not thread-safe and decoding runs in threads.)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+@dataclass
+class DecodedImage:
+    """A decoded image or the reason it could not be decoded.
+
+    Attributes:
+        rgb: ``[H, W, 3]`` uint8 array, or None on error.
+        width, height: pixel size when known (also for ``too_large``), else None.
+        status: ``ok`` or an error kind (see :mod:`schemas.labels`).
+        error: message when not ok.
+    """
+
+    rgb: np.ndarray | None
+    width: int | None
+    height: int | None
+    status: str = "ok"
+    error: str | None = None
+
+
+def _failed(status: str, message: str, size: tuple[int, int] | None = None) -> DecodedImage:
+    width, height = size if size else (None, None)
+    return DecodedImage(None, width, height, status, message)
+
+
+def decode_image(data: bytes, max_image_pixels: int) -> DecodedImage:
+    """Decode encoded image bytes to RGB.
+
+    Args:
+        data: the file's bytes.
+        max_image_pixels: decompression-bomb limit (width x height).
+    """
+    if not data:
+        return _failed("empty", "zero-byte object")
+    try:
+        return _decode(data, max_image_pixels)
+    except Image.DecompressionBombError as exc:
+        return _failed("too_large", str(exc))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        return _failed("decode_error", f"{type(exc).__name__}: {exc}")
+
+
+def _decode(data: bytes, max_image_pixels: int) -> DecodedImage:
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if width * height > max_image_pixels:
+        return _failed("too_large", f"{width}x{height} = {width * height} pixels exceeds "
+                       f"the limit of {max_image_pixels} (--max-image-pixels)", (width, height))
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    rgb = to_rgb_array(image)
+    return DecodedImage(rgb, rgb.shape[1], rgb.shape[0])
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Any Pillow image -> ``[H, W, 3]`` uint8 RGB (see module rules)."""
+    if image.mode.startswith("I") or image.mode == "F":
+        gray = _to_uint8_gray(image)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+
+def _to_uint8_gray(image: Image.Image) -> np.ndarray:
+    """16/32-bit integer or float single-channel image -> ``[H, W]`` uint8."""
+    values = np.asarray(image)
+    if image.mode == "F":
+        return np.clip(values, 0, 255).astype(np.uint8)
+    values = values.astype(np.int64)
+    return (np.clip(values, 0, 65535) >> 8).astype(np.uint8)

@@ -1,0 +1,53 @@
+"""Engine results and decode failures -> validated label rows (see :mod:`schemas.labels`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from schemas import error_row, label_map_to_annotations, make_row
+
+from .decode import DecodedImage
+from .readers import RawImage
+
+
+def result_to_row(shard_id: str, item: RawImage, decoded: DecodedImage, result: Any,
+                  num_classes: int) -> dict:
+    """An ``ok`` row from one engine result.
+
+    Args:
+        shard_id: the shard's id.
+        item: where the image came from (key, source URI).
+        decoded: the decoded image (its size must match the label map).
+        result: engine output with ``labels`` ``[H, W]`` int64, ``mask_scores`` ``[C]`` and
+            ``presence`` ``[C]`` float32 (torch tensors or arrays).
+        num_classes: C.
+
+    Raises:
+        ValueError: the result does not match the image or the vocabulary.
+    """
+    labels = _numpy(result.labels)
+    if labels.shape != (decoded.height, decoded.width):
+        raise ValueError(f"label map {labels.shape} != image {(decoded.height, decoded.width)}")
+    scores = np.clip(_numpy(result.mask_scores).astype(np.float64), 0.0, 1.0)
+    presence = np.clip(_numpy(result.presence).astype(np.float64), 0.0, 1.0)
+    annotations = label_map_to_annotations(labels, scores)
+    return make_row(shard_id=shard_id, source_uri=item.source_uri, key=item.key,
+                    width=decoded.width, height=decoded.height, annotations=annotations,
+                    presence=presence.tolist(), num_categories=num_classes)
+
+
+def failure_row(shard_id: str, item: RawImage, decoded: DecodedImage | None,
+                status: str, message: str) -> dict:
+    """An error row for an image that could not be read, decoded or labelled."""
+    width = decoded.width if decoded is not None else None
+    height = decoded.height if decoded is not None else None
+    return error_row(shard_id=shard_id, source_uri=item.source_uri, key=item.key,
+                     status=status, error=message or status, width=width, height=height)
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)

@@ -1,0 +1,175 @@
+"""Everything checked before any engine work: vocabulary, input listing, output state.
+
+:func:`plan_job` fails fast (clear message, no GPU touched) on an unreadable vocabulary, a
+missing input, rejected credentials, a missing Parquet image column, or an output labelled
+with another configuration. It writes the ``running`` run record, which also proves the
+output is writable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from schemas import Category, categories_from_classes, run_metadata
+from schemas.io import completed_shards
+
+from .config import ComputeConfig, IOConfig
+from .engine import EngineSpec
+from .readers import parquet_columns
+from .record import (
+    OutputConflict,
+    check_compatible,
+    clear_output,
+    fingerprint_of,
+    new_record,
+    read_existing_record,
+    shards_to_skip,
+    write_record,
+)
+from .shards import InputError, ShardSpec, list_shards
+from .storage import filesystem
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A whole labeling job."""
+
+    io: IOConfig
+    compute: ComputeConfig
+    engine: EngineSpec
+
+
+@dataclass
+class JobPlan:
+    """What a run will do.
+
+    Attributes:
+        job: the configuration.
+        shards: every input shard, in order.
+        todo: shards to label in this run.
+        skipped: completion records of shards already done.
+        categories: output categories.
+        identity, fingerprint: what determines the labels.
+        existing: the output's previous run record, if any.
+        record: the run record being written.
+        out_fs, out_root: output filesystem and root path.
+    """
+
+    job: JobConfig
+    shards: list[ShardSpec]
+    todo: list[ShardSpec]
+    skipped: dict[str, dict]
+    categories: list[Category]
+    identity: dict
+    fingerprint: str
+    existing: dict | None
+    record: dict
+    out_fs: Any
+    out_root: str
+
+    def file_metadata(self, models: dict) -> dict:
+        """JSON stored in every Parquet file of this run."""
+        run = {"fingerprint": self.fingerprint, "preset": self.identity["config"]["preset"],
+               "engine": self.identity, "models": models,
+               "package_version": self.record["package_version"]}
+        return run_metadata(self.categories, self.record["vocabulary_hash"], run)
+
+
+class StartupError(RuntimeError):
+    """The job cannot start (bad input, vocabulary, credentials or output state)."""
+
+
+def plan_job(job: JobConfig) -> JobPlan:
+    """Check inputs and output, write the ``running`` run record, and list the work.
+
+    Raises:
+        StartupError: with a message naming the problem and the remedy.
+    """
+    vocabulary = _load_vocabulary(job.engine)
+    identity = {**job.engine.identity(), "vocabulary_hash": vocabulary.content_hash()}
+    fingerprint = fingerprint_of(identity)
+    shards = _list_input(job.io)
+    out_fs, out_root = _output(job.io)
+    existing = _check_output(job.io, out_fs, out_root, identity, fingerprint)
+    skipped = shards_to_skip(out_fs, out_root, job.io.output_uri, job.io.storage_options,
+                             shards, fingerprint)
+    categories = categories_from_classes(vocabulary.classes)
+    compute = dataclasses.asdict(job.compute)
+    record = new_record(identity, fingerprint, categories, vocabulary, job.io.public_dict(),
+                        compute)
+    if existing and not job.io.overwrite:
+        record["previous_runs"] = _history(existing)
+    _guarded(lambda: write_record(out_fs, out_root, record), "write the run record to",
+             job.io.output_uri)
+    todo = [s for s in shards if s.shard_id not in skipped]
+    return JobPlan(job, shards, todo, skipped, categories, identity, fingerprint, existing,
+                   record, out_fs, out_root)
+
+
+def _load_vocabulary(engine: EngineSpec) -> Any:
+    try:
+        return engine.config.load_vocabulary()
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"cannot read the vocabulary: {exc}") from exc
+
+
+def _list_input(io: IOConfig) -> list[ShardSpec]:
+    shards = _guarded(lambda: list_shards(io), "list the input", io.input_uri)
+    if shards[0].kind == "parquet":
+        columns = _guarded(lambda: parquet_columns(_in_fs(io), shards[0].paths[0]),
+                           "read the Parquet schema of", shards[0].source_uri)
+        for name in (io.image_column, io.id_column):
+            if name is not None and name not in columns:
+                raise StartupError(f"column {name!r} not in {shards[0].source_uri} "
+                                   f"(columns: {', '.join(columns)}); set --image-column / "
+                                   "--id-column")
+    return shards
+
+
+def _in_fs(io: IOConfig) -> Any:
+    return filesystem(io.input_uri, io.storage_options)[0]
+
+
+def _output(io: IOConfig) -> tuple[Any, str]:
+    return _guarded(lambda: filesystem(io.output_uri, io.storage_options), "open the output",
+                    io.output_uri)
+
+
+def _check_output(io: IOConfig, fs: Any, root: str, identity: dict,
+                  fingerprint: str) -> dict | None:
+    existing = _guarded(lambda: read_existing_record(fs, root), "read the output",
+                        io.output_uri)
+    if io.overwrite:
+        _guarded(lambda: clear_output(fs, root), "clear the output", io.output_uri)
+        return existing
+    has_shards = bool(completed_shards(io.output_uri, io.storage_options))
+    try:
+        check_compatible(existing, identity, fingerprint, has_shards)
+    except OutputConflict as exc:
+        raise StartupError(f"refusing to write to {io.output_uri}: {exc}") from exc
+    return existing
+
+
+def _history(existing: dict) -> list[dict]:
+    previous = list(existing.get("previous_runs", []))
+    previous.append({k: existing.get(k) for k in ("status", "started_at", "ended_at", "totals")})
+    return previous[-20:]
+
+
+def _guarded(fn: Any, action: str, uri: str) -> Any:
+    """Run a startup step; turn storage and input errors into a StartupError."""
+    try:
+        return fn()
+    except StartupError:
+        raise
+    except InputError as exc:
+        raise StartupError(str(exc)) from exc
+    except PermissionError as exc:
+        raise StartupError(f"access denied when trying to {action} {uri}: check the "
+                           f"credentials (--storage-options or AWS_* variables): {exc}") from exc
+    except FileNotFoundError as exc:
+        raise StartupError(f"cannot {action} {uri}: not found ({exc})") from exc
+    except OSError as exc:
+        raise StartupError(f"cannot {action} {uri}: {type(exc).__name__}: {exc}") from exc

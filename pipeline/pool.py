@@ -1,0 +1,130 @@
+"""The engine actor pool: sizing to the cluster, GPU pinning, shared text embeddings.
+
+One actor per ``gpus_per_actor`` GPUs (Ray pins each to its own devices through
+``num_gpus`` and ``CUDA_VISIBLE_DEVICES``); CPU actors when the cluster has no GPUs. The first
+actor computes the vocabulary's text embeddings once; every actor (and every replacement of a
+dead one) receives them through the object store.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import RayError
+
+from .plan import JobPlan, StartupError
+from .record import check_same_weights
+from .worker import LabelWorker, WorkerSpec
+
+
+@dataclass(frozen=True)
+class ActorResources:
+    """Size of the actor pool and what each actor reserves."""
+
+    num_actors: int
+    num_gpus: float
+    num_cpus: float
+
+
+def actor_resources(actors: int | None, gpus_per_actor: float,
+                    cpus_per_actor: float | None) -> ActorResources:
+    """Size the pool to the cluster: one actor per ``gpus_per_actor`` GPUs, else CPU actors.
+
+    Raises:
+        StartupError: more actors requested than the cluster's GPUs or CPUs can hold.
+    """
+    totals = ray.cluster_resources()
+    gpus, cpus = totals.get("GPU", 0.0), totals.get("CPU", 1.0)
+    if gpus_per_actor > 0 and gpus >= gpus_per_actor:
+        count = actors or int(gpus // gpus_per_actor)
+        if count * gpus_per_actor > gpus + 1e-9:
+            raise StartupError(f"{count} actors x {gpus_per_actor} GPUs exceed the cluster's "
+                               f"{gpus:g} GPUs (GPU actor pools do not autoscale)")
+        per_cpu = cpus_per_actor or _cpus_per_gpu_actor(gpus_per_actor)
+        return ActorResources(count, gpus_per_actor, per_cpu)
+    count = actors or 1
+    per_cpu = cpus_per_actor or max(1.0, float(math.floor(min(cpus / count, _max_node_cpus()))))
+    if count * per_cpu > cpus + 1e-9:
+        raise StartupError(f"{count} CPU actors x {per_cpu:g} CPUs exceed the cluster's "
+                           f"{cpus:g} CPUs")
+    return ActorResources(count, 0.0, per_cpu)
+
+
+def _alive_nodes() -> list[dict]:
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def _cpus_per_gpu_actor(gpus_per_actor: float) -> float:
+    shares = [r.get("CPU", 0.0) * gpus_per_actor / r["GPU"] for r in _alive_nodes()
+              if r.get("GPU")]
+    return max(1.0, float(math.floor(min(shares)))) if shares else 1.0
+
+
+def _max_node_cpus() -> float:
+    return max((r.get("CPU", 1.0) for r in _alive_nodes()), default=1.0)
+
+
+class WorkerPool:
+    """Engine actors; the first computes the text embeddings that all others adopt."""
+
+    def __init__(self, plan: JobPlan, spec: WorkerSpec, resources: ActorResources) -> None:
+        self.plan, self.spec, self.resources = plan, spec, resources
+        self._cls = ray.remote(LabelWorker).options(
+            num_gpus=resources.num_gpus, num_cpus=resources.num_cpus,
+            max_concurrency=plan.job.compute.shards_per_actor + 1,
+            max_restarts=0, max_task_retries=0)
+        self.actors: list[Any] = []
+        self.generation: list[int] = []
+        self.infos: list[dict] = []
+        self.replacements = 0
+        self._embeddings: Any = None
+        self._metadata: dict = {}
+
+    def start(self) -> dict:
+        """Start every actor, share the embeddings; returns the model identities."""
+        self.actors = [self._cls.remote(self.spec) for _ in range(self.resources.num_actors)]
+        self.generation = [0] * len(self.actors)
+        try:
+            self._embeddings = self.actors[0].compute_text_embeddings.remote()
+            self.infos = ray.get([a.describe.remote() for a in self.actors])
+            models = self.infos[0]["weights_info"]
+            check_same_weights(self.plan.existing if not self.plan.job.io.overwrite else None,
+                               models)
+            self._metadata = self.plan.file_metadata(models)
+            ray.get([a.prepare.remote(self._embeddings, self._metadata) for a in self.actors])
+        except RayError as exc:
+            raise StartupError(
+                f"the engine failed to start on a worker: {error_reason(exc)}") from exc
+        return models
+
+    def replace(self, index: int) -> None:
+        """Kill (if needed) and recreate the actor in slot ``index``."""
+        ray.kill(self.actors[index], no_restart=True)
+        self.actors[index] = self._cls.remote(self.spec, self._embeddings, self._metadata)
+        self.generation[index] += 1
+        self.replacements += 1
+
+    def peak_memory(self) -> list[int | None]:
+        refs = [a.peak_memory_bytes.remote() for a in self.actors]
+        out = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref, timeout=30))
+            except (RayError, TimeoutError):
+                out.append(None)
+        return out
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+def error_reason(exc: BaseException, limit: int = 500) -> str:
+    """One-line reason of a Ray error: the task's own exception when there is one."""
+    cause = getattr(exc, "cause", None)
+    base = cause if isinstance(cause, BaseException) else exc
+    lines = [line for line in str(base).strip().splitlines() if line.strip()]
+    return f"{type(base).__name__}: {lines[0] if lines else ''}"[:limit]

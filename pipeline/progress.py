@@ -1,0 +1,122 @@
+"""Live progress lines (shards, images, images/s, ETA, errors) and the final summary.
+
+Lines go to the ``emit`` callable (stderr by default, which ``ray job submit`` also captures
+in the job log); one line every ``interval_s`` seconds, never carriage-return redraws, so
+the log stays readable.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+
+def emit_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+@dataclass
+class Progress:
+    """Counts of one run.
+
+    Attributes:
+        total_shards: shards to label in this run (skipped ones excluded).
+        skipped_shards: shards already done in the output.
+        interval_s: seconds between progress lines.
+        emit: where lines go.
+    """
+
+    total_shards: int
+    skipped_shards: int = 0
+    interval_s: float = 10.0
+    emit: Callable[[str], None] = emit_stderr
+    shards_done: int = 0
+    shards_failed: int = 0
+    retries: int = 0
+    images: int = 0
+    ok: int = 0
+    annotations: int = 0
+    engine_seconds: float = 0.0
+    errors: Counter = field(default_factory=Counter)
+    started: float = field(default_factory=time.monotonic)
+    _last: float = 0.0
+
+    def restart_clock(self) -> None:
+        """Measure rates from now (after the workers started)."""
+        self.started = time.monotonic()
+
+    def shard_done(self, record: Mapping) -> None:
+        self.shards_done += 1
+        self.images += int(record["num_images"])
+        self.ok += int(record["num_ok"])
+        self.annotations += int(record["num_annotations"])
+        self.engine_seconds += float(record.get("engine_seconds", 0.0))
+        self.errors.update(record.get("errors_by_status", {}))
+
+    def shard_retried(self, shard_id: str, reason: str) -> None:
+        self.retries += 1
+        self.emit(f"[cass-label] shard {shard_id} will be retried: {reason}")
+
+    def shard_failed(self, shard_id: str, reason: str) -> None:
+        self.shards_failed += 1
+        self.emit(f"[cass-label] shard {shard_id} FAILED: {reason}")
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def eta_s(self) -> float | None:
+        finished = self.shards_done + self.shards_failed
+        if finished == 0:
+            return None
+        return self.elapsed_s / finished * (self.total_shards - finished)
+
+    def line(self) -> str:
+        eta = self.eta_s()
+        return (f"[cass-label] shards {self.shards_done}/{self.total_shards}"
+                f" (skipped {self.skipped_shards}, failed {self.shards_failed},"
+                f" retries {self.retries}) | images {self.images}"
+                f" | {self.images_per_s:.1f} img/s"
+                f" | errors {sum(self.errors.values())}"
+                f" | elapsed {_duration(self.elapsed_s)}"
+                f" | ETA {_duration(eta) if eta is not None else '?'}")
+
+    def maybe_report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last >= self.interval_s:
+            self._last = now
+            self.emit(self.line())
+
+    def totals(self) -> dict:
+        return {
+            "shards": self.total_shards + self.skipped_shards,
+            "shards_labelled": self.shards_done, "shards_skipped": self.skipped_shards,
+            "shards_failed": self.shards_failed, "retries": self.retries,
+            "images": self.images, "images_ok": self.ok,
+            "images_error": sum(self.errors.values()),
+            "errors_by_status": dict(sorted(self.errors.items())),
+            "annotations": self.annotations, "seconds": round(self.elapsed_s, 3),
+            "images_per_s": round(self.images_per_s, 3),
+            "engine_seconds": round(self.engine_seconds, 3),
+        }
+
+    def summary(self, status: str, output_uri: str) -> str:
+        t = self.totals()
+        errors = ", ".join(f"{k} {v}" for k, v in t["errors_by_status"].items()) or "none"
+        return (f"[cass-label] {status.upper()}: {t['shards_labelled']} shard(s) labelled, "
+                f"{t['shards_skipped']} skipped, {t['shards_failed']} failed; "
+                f"{t['images']} images ({t['images_ok']} ok; errors: {errors}), "
+                f"{t['annotations']} masks in {_duration(t['seconds'])} "
+                f"({t['images_per_s']:.1f} img/s) -> {output_uri}")

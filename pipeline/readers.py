@@ -1,0 +1,141 @@
+"""Read a shard's images as raw bytes, streaming: tar members, Parquet rows, or image files.
+
+Archive member names are only ever used as *keys* (strings in the output); nothing is
+extracted to the filesystem. A shard file that is not a valid archive (corrupt, truncated,
+not a tar/Parquet file) yields one error item for the archive itself, and the items read
+before the damage; the shard still completes.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .shards import IMAGE_EXTENSIONS, ShardSpec
+from .storage import read_bytes, retry
+
+PARQUET_BATCH_ROWS = 32
+TAR_BLOCK_BYTES = 8 * 2**20
+
+
+@dataclass
+class RawImage:
+    """One image's bytes (or where to fetch them), before decoding.
+
+    Attributes:
+        key: the image's key within its shard.
+        source_uri: URI of the image file or of its shard.
+        data: the encoded bytes, or None when ``path`` must be fetched (image files).
+        path: object path to fetch lazily (image files), else None.
+        error: ``(status, message)`` when the item could not be read at all.
+    """
+
+    key: str
+    source_uri: str
+    data: bytes | None = None
+    path: str | None = None
+    error: tuple[str, str] | None = None
+
+    def load(self, fs: Any) -> bytes:
+        """The bytes, fetching ``path`` (with retries) when needed."""
+        if self.data is None and self.path is not None:
+            self.data = read_bytes(fs, self.path)
+        return self.data if self.data is not None else b""
+
+
+def iter_raw_images(shard: ShardSpec, fs: Any, image_column: str = "image",
+                    id_column: str | None = None) -> Iterator[RawImage]:
+    """Yield the shard's images in shard order."""
+    if shard.kind == "webdataset":
+        yield from _iter_tar(shard, fs)
+    elif shard.kind == "parquet":
+        yield from _iter_parquet(shard, fs, image_column, id_column)
+    elif shard.kind == "images":
+        for path, key in zip(shard.paths, shard.keys, strict=True):
+            yield RawImage(key, fs.unstrip_protocol(path), path=path)
+    else:
+        raise ValueError(f"unknown shard kind {shard.kind!r}")
+
+
+def _archive_key(shard: ShardSpec) -> str:
+    return shard.paths[0].rsplit("/", 1)[-1]
+
+
+def _iter_tar(shard: ShardSpec, fs: Any) -> Iterator[RawImage]:
+    path = shard.paths[0]
+    seen: set[str] = set()
+    with retry(lambda: fs.open(path, "rb", block_size=TAR_BLOCK_BYTES), f"open {path}") as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r|*") as archive:
+                for member in archive:
+                    item = _tar_item(archive, member, shard, seen)
+                    if item is not None:
+                        yield item
+        except (tarfile.TarError, EOFError, ValueError) as exc:
+            yield RawImage(_archive_key(shard), shard.source_uri,
+                           error=("decode_error", f"invalid or truncated tar archive: {exc}"))
+
+
+def _tar_item(archive: tarfile.TarFile, member: tarfile.TarInfo, shard: ShardSpec,
+              seen: set[str]) -> RawImage | None:
+    """A tar member as a RawImage, or None for non-image members (json, txt, dirs...)."""
+    name = member.name
+    if not member.isfile() or not name.lower().endswith(IMAGE_EXTENSIONS):
+        return None
+    key = tar_key(name)
+    if key in seen:
+        key = name
+    seen.add(key)
+    handle = archive.extractfile(member)
+    data = handle.read() if handle is not None else b""
+    return RawImage(key, shard.source_uri, data=data)
+
+
+def tar_key(member_name: str) -> str:
+    """WebDataset key of a member: its name without the final extension (a string only)."""
+    directory, _, base = member_name.rpartition("/")
+    stem = base.rsplit(".", 1)[0] if "." in base else base
+    return f"{directory}/{stem}" if directory else stem
+
+
+def _iter_parquet(shard: ShardSpec, fs: Any, image_column: str,
+                  id_column: str | None) -> Iterator[RawImage]:
+    path = shard.paths[0]
+    with retry(lambda: fs.open(path, "rb"), f"open {path}") as f:
+        try:
+            parquet = pq.ParquetFile(f)
+        except (pa.ArrowException, OSError) as exc:
+            yield RawImage(_archive_key(shard), shard.source_uri,
+                           error=("decode_error", f"invalid Parquet file: {exc}"))
+            return
+        columns = [image_column] + ([id_column] if id_column else [])
+        row = 0
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            images = batch.column(image_column).to_pylist()
+            ids = batch.column(id_column).to_pylist() if id_column else [None] * len(images)
+            for value, ident in zip(images, ids, strict=True):
+                key = str(ident) if ident is not None else f"{row:08d}"
+                yield RawImage(key, shard.source_uri, data=image_bytes(value))
+                row += 1
+
+
+def image_bytes(value: object) -> bytes:
+    """Bytes of a Parquet image cell: binary, or a struct with ``bytes`` (Hugging Face)."""
+    if value is None:
+        return b""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    return b""
+
+
+def parquet_columns(fs: Any, path: str) -> list[str]:
+    """Column names of a Parquet file (footer only)."""
+    with retry(lambda: fs.open(path, "rb"), f"open {path}") as f:
+        return list(pq.ParquetFile(f).schema_arrow.names)

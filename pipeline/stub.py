@@ -1,0 +1,148 @@
+"""A fast stand-in for the CASS engine with the same interface (tests and benchmarks).
+
+Labels are a deterministic function of the pixels: ``class = (mean RGB * C) // 256``, so tests
+can recompute the expected label map of any image. Options simulate slow engines, engine
+errors and dying workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StubOptions:
+    """Behaviour of the stub engine.
+
+    Attributes:
+        seconds_per_image: simulated compute time per image.
+        fail_on_height: raise (an engine error) for images of this height.
+        die_on_height: kill the worker process for images of this height (every time).
+        die_after_images: kill the worker process after this many images, once per run
+            (a marker file in ``marker_dir`` records that it happened).
+        marker_dir: directory for the ``die_after_images`` marker.
+    """
+
+    seconds_per_image: float = 0.0
+    fail_on_height: int | None = None
+    die_on_height: int | None = None
+    die_after_images: int | None = None
+    marker_dir: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def stub_labels(image: np.ndarray, num_classes: int) -> np.ndarray:
+    """The stub's label map of an ``[H, W, 3]`` uint8 image: ``[H, W]`` int64 in 0..C-1."""
+    gray = image.astype(np.uint16).sum(axis=2) // 3
+    return (gray.astype(np.int64) * num_classes) // 256
+
+
+@dataclass
+class StubTextEmbeddings:
+    """Picklable stand-in for the engine's TextEmbeddings."""
+
+    vocabulary: Any
+    digest: str
+
+
+@dataclass
+class StubResult:
+    """Same fields as the engine's SegmentationResult (torch tensors)."""
+
+    labels: Any
+    mask_scores: Any
+    presence: Any
+    pixel_fraction: Any
+    prior: Any = None
+    logits: Any = None
+    probs: Any = None
+
+
+class StubSegmenter:
+    """Engine-compatible segmenter: ``set_vocabulary`` once, ``segment`` per batch."""
+
+    def __init__(self, config: Any, options: StubOptions) -> None:
+        self.config = config
+        self.options = options
+        self._text: StubTextEmbeddings | None = None
+        self._images_seen = 0
+        self.weights_info = {"engine": "stub", "stub": options.to_dict()}
+
+    @property
+    def vocabulary(self) -> Any:
+        if self._text is None:
+            self.set_vocabulary()
+        return self._text.vocabulary
+
+    def set_vocabulary(self, vocabulary: Any = None, *,
+                       text_embeddings: StubTextEmbeddings | None = None) -> StubTextEmbeddings:
+        if text_embeddings is None:
+            vocabulary = vocabulary or self.config.load_vocabulary()
+            text_embeddings = StubTextEmbeddings(vocabulary, vocabulary.content_hash())
+        self._text = text_embeddings
+        return text_embeddings
+
+    def segment(self, images: Sequence[np.ndarray], return_logits: bool = False,
+                return_probs: bool = False) -> list[StubResult]:
+        num_classes = self.vocabulary.num_classes
+        results = []
+        for image in images:
+            self._before_image(image)
+            results.append(_stub_result(np.asarray(image), num_classes))
+        return results
+
+    def _before_image(self, image: np.ndarray) -> None:
+        opts = self.options
+        self._images_seen += 1
+        if opts.seconds_per_image:
+            time.sleep(opts.seconds_per_image)
+        if opts.die_on_height is not None and image.shape[0] == opts.die_on_height:
+            _die()
+        if opts.fail_on_height is not None and image.shape[0] == opts.fail_on_height:
+            raise RuntimeError(f"stub engine failure on an image of height {image.shape[0]}")
+        if opts.die_after_images is not None and self._images_seen > opts.die_after_images:
+            if _claim_marker(opts.marker_dir):
+                _die()
+
+
+def _stub_result(image: np.ndarray, num_classes: int) -> StubResult:
+    import torch
+
+    labels = stub_labels(image, num_classes)
+    counts = np.bincount(labels.ravel(), minlength=num_classes)[:num_classes]
+    fraction = (counts / labels.size).astype(np.float32)
+    scores = np.where(counts > 0, 0.5 + 0.5 * np.arange(num_classes) / num_classes, 0.0)
+    presence = 0.05 + 0.9 * fraction
+    return StubResult(
+        labels=torch.from_numpy(labels),
+        mask_scores=torch.from_numpy(scores.astype(np.float32)),
+        presence=torch.from_numpy(presence.astype(np.float32)),
+        pixel_fraction=torch.from_numpy(fraction),
+    )
+
+
+def _claim_marker(marker_dir: str | None) -> bool:
+    """True for the first caller across processes (creates the marker file)."""
+    if marker_dir is None:
+        return True
+    path = Path(marker_dir) / "stub-died"
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)

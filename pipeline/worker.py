@@ -1,0 +1,253 @@
+"""The per-shard work of one engine worker: read -> decode -> label -> encode -> write.
+
+:class:`LabelWorker` is a plain class (tested without Ray); :mod:`pipeline.runner` wraps it
+as a Ray actor. Decoding and RLE encoding run on a thread pool so the engine does not wait
+for them; the engine itself is called under a lock, so two shards can be in flight per
+worker (one decoding or writing while the other uses the engine). Queues are bounded: at
+most ``batch_size * prefetch_batches`` decoded images ahead of the engine, and at most
+``2 * batch_size`` results waiting for encoding.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+from PIL import Image
+
+from .config import ComputeConfig, IOConfig
+from .decode import DecodedImage, decode_image
+from .encode import failure_row, result_to_row
+from .engine import EngineSpec, build_engine, choose_device
+from .readers import RawImage, iter_raw_images
+from .shards import ShardSpec
+from .storage import filesystem
+from .writer import write_shard
+
+Item = tuple[RawImage, DecodedImage]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, picklable.
+
+    Attributes:
+        engine: how to build the engine.
+        io: input/output configuration (storage options travel here, never logged).
+        compute: batch size, threads, prefetch.
+        fingerprint: the run fingerprint written into every completion record.
+        run_metadata: JSON for the Parquet file metadata (categories, vocabulary hash, run).
+    """
+
+    engine: EngineSpec
+    io: IOConfig
+    compute: ComputeConfig
+    fingerprint: str
+    run_metadata: Mapping = field(default_factory=dict)
+
+
+class LabelWorker:
+    """Holds one engine and labels whole shards."""
+
+    def __init__(self, spec: WorkerSpec, text_embeddings: Any = None,
+                 run_metadata: Mapping | None = None) -> None:
+        """Build the engine on this worker's device.
+
+        Args:
+            spec: the worker's configuration.
+            text_embeddings: shared embeddings to adopt (replacement workers); None leaves
+                them to :meth:`compute_text_embeddings` or :meth:`prepare`.
+            run_metadata: Parquet file metadata of this run (else ``spec.run_metadata``).
+        """
+        self.spec = spec
+        self.gpu_ids, cpus = _ray_resources()
+        _limit_threads(cpus)
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, spec.io.max_image_pixels)
+        self.device = choose_device(spec.engine.device, self.gpu_ids)
+        self.engine = build_engine(spec.engine, self.device)
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(spec.compute.decode_threads, "cass-decode")
+        self._in_fs, _ = filesystem(spec.io.input_uri, spec.io.storage_options)
+        self._out_fs, self._out_root = filesystem(spec.io.output_uri, spec.io.storage_options)
+        self._run_metadata = dict(spec.run_metadata)
+        self.engine_seconds = 0.0
+        if text_embeddings is not None:
+            self.prepare(text_embeddings, run_metadata)
+
+    # ------------------------------------------------------------------ setup
+    def describe(self) -> dict:
+        """Identity of this worker: process, node, GPUs, device, engine weights."""
+        return {
+            "pid": os.getpid(), "host": os.uname().nodename, "gpu_ids": list(self.gpu_ids),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "device": self.device, "weights_info": getattr(self.engine, "weights_info", {}),
+        }
+
+    def compute_text_embeddings(self) -> Any:
+        """Embed the configured vocabulary (done once per job, on one worker)."""
+        with self._lock:
+            return self.engine.set_vocabulary(None)
+
+    def prepare(self, text_embeddings: Any, run_metadata: Mapping | None = None) -> bool:
+        """Adopt shared text embeddings and the file metadata of this run."""
+        with self._lock:
+            self.engine.set_vocabulary(text_embeddings=text_embeddings)
+        if run_metadata is not None:
+            self._run_metadata = dict(run_metadata)
+        return True
+
+    def peak_memory_bytes(self) -> int:
+        """Peak resident memory of this process."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    # ------------------------------------------------------------------ work
+    def process_shard(self, shard: ShardSpec, max_images: int | None = None) -> dict:
+        """Label a shard and write its table and completion record.
+
+        Args:
+            shard: the shard.
+            max_images: stop after this many images (``--limit``); the record says
+                ``truncated`` when images were left out.
+
+        Returns:
+            The completion record, plus ``engine_seconds`` spent in the engine.
+        """
+        started = time.monotonic()
+        engine_before = self.engine_seconds
+        items = iter_raw_images(shard, self._in_fs, self.spec.io.image_column,
+                                self.spec.io.id_column)
+        if max_images is not None:
+            items = islice(items, max_images + 1)
+        rows = self.label_items(shard.shard_id, items)
+        truncated = max_images is not None and len(rows) > max_images
+        rows = rows[:max_images] if truncated else rows
+        extra = {"source_uri": shard.source_uri, "fingerprint": self.spec.fingerprint,
+                 "input_fingerprint": shard.fingerprint, "truncated": truncated,
+                 "worker": {"pid": os.getpid(), "device": self.device}}
+        record = write_shard(self._out_fs, self._out_root, shard.shard_id, rows,
+                             self._run_metadata, extra)
+        return {**record, "seconds": time.monotonic() - started,
+                "engine_seconds": self.engine_seconds - engine_before}
+
+    def label_items(self, shard_id: str, items: Iterable[RawImage]) -> list[dict]:
+        """Rows for raw images, in input order."""
+        compute = self.spec.compute
+        decoded = _ordered_map(self._pool, self._load_and_decode, items,
+                               compute.batch_size * compute.prefetch_batches)
+        futures: list[Future] = []
+        pending: deque[Future] = deque()
+        for batch in _batched(decoded, compute.batch_size):
+            for future in self._label_batch(shard_id, batch):
+                futures.append(future)
+                pending.append(future)
+            while len(pending) > 2 * compute.batch_size:
+                pending.popleft().result()
+        return [f.result() for f in futures]
+
+    def _load_and_decode(self, item: RawImage) -> Item:
+        if item.error is not None:
+            return item, DecodedImage(None, None, None, *item.error)
+        try:
+            data = item.load(self._in_fs)
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+            return item, DecodedImage(None, None, None, "read_error", f"{type(exc).__name__}: "
+                                      f"{exc}")
+        item.data = None
+        return item, decode_image(data, self.spec.io.max_image_pixels)
+
+    def _label_batch(self, shard_id: str, batch: list[Item]) -> list[Future]:
+        ok = [(item, dec) for item, dec in batch if dec.status == "ok"]
+        results = iter(self._segment([dec.rgb for _, dec in ok]))
+        futures = []
+        num_classes = self.engine.vocabulary.num_classes
+        for item, dec in batch:
+            if dec.status != "ok":
+                futures.append(_done(failure_row(shard_id, item, dec, dec.status, dec.error)))
+                continue
+            result = next(results)
+            dec.rgb = None
+            futures.append(self._pool.submit(_encode, shard_id, item, dec, result, num_classes))
+        return futures
+
+    def _segment(self, images: list) -> list:
+        """Engine results (or the exception of a failed image), one per image."""
+        if not images:
+            return []
+        with self._lock:
+            started = time.monotonic()
+            try:
+                return self.engine.segment(images, return_logits=False, return_probs=False)
+            except Exception:  # noqa: BLE001 - isolate the failing image(s) below
+                return [self._segment_one(image) for image in images]
+            finally:
+                self.engine_seconds += time.monotonic() - started
+
+    def _segment_one(self, image: Any) -> Any:
+        try:
+            return self.engine.segment([image], return_logits=False, return_probs=False)[0]
+        except Exception as exc:  # noqa: BLE001 - becomes an engine_error row
+            return exc
+
+
+def _encode(shard_id: str, item: RawImage, dec: DecodedImage, result: Any,
+            num_classes: int) -> dict:
+    if isinstance(result, Exception):
+        return failure_row(shard_id, item, dec, "engine_error",
+                           f"{type(result).__name__}: {result}")
+    try:
+        return result_to_row(shard_id, item, dec, result, num_classes)
+    except ValueError as exc:
+        return failure_row(shard_id, item, dec, "engine_error", str(exc))
+
+
+def _done(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def _ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable,
+                 ahead: int) -> Iterator:
+    """``map(fn, items)`` on a pool, in order, with at most ``ahead`` calls outstanding."""
+    window: deque[Future] = deque()
+    for item in items:
+        window.append(pool.submit(fn, item))
+        if len(window) >= ahead:
+            yield window.popleft().result()
+    while window:
+        yield window.popleft().result()
+
+
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def _ray_resources() -> tuple[list, float | None]:
+    """GPU ids and CPUs assigned to this process by Ray (``[], None`` outside Ray)."""
+    try:
+        import ray
+    except ImportError:
+        return [], None
+    if not ray.is_initialized():
+        return [], None
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    return list(ray.get_gpu_ids()), assigned.get("CPU")
+
+
+def _limit_threads(cpus: float | None) -> None:
+    """Match torch's intra-op threads to the CPUs Ray gave this actor."""
+    if not cpus:
+        return
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
