@@ -4,9 +4,11 @@ Segmentations may be polygons, uncompressed RLE (``counts`` a list) or compresse
 (``counts`` a string). Rules, all deterministic:
 
 - Categories are ordered by COCO id; label value ``g`` is the ``g``-th category.
-- Overlaps: an image's annotations are painted largest first (pixel area of the decoded mask,
-  ties by annotation id), so where masks overlap the *smaller* annotation wins and small
-  objects stay visible. Crowd annotations (``iscrowd: 1``) are painted like the others.
+- Overlaps: an image's annotations are painted largest first (pixel area of the decoded
+  mask; equal areas in increasing annotation id), so where masks overlap the *smaller*
+  annotation wins (small objects stay visible) and between equal areas the higher id wins.
+  The order in the file plays no part. Crowd annotations (``iscrowd: 1``) are painted like
+  the others.
 - Pixels that no annotation covers: with ``unlabeled="background"`` (default) they belong to a
   category named ``background`` (the JSON's own if it has one, else one appended after the
   others), so predictions there count as false positives; with ``unlabeled="ignore"`` they

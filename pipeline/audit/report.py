@@ -40,6 +40,16 @@ def pct(value: float | None) -> float | None:
     return round(100.0 * float(value), 4)
 
 
+UNMATCHED_KINDS = ("ground_truth", "predictions", "failed_predictions", "invalid_predictions",
+                   "duplicate_predictions", "incomplete_shards")
+
+
+def empty_unmatched() -> dict:
+    """The ``unmatched`` block of a run where every image was evaluated (benchmarks)."""
+    return {**{kind: 0 for kind in UNMATCHED_KINDS},
+            "examples": {kind: [] for kind in UNMATCHED_KINDS}}
+
+
 def _per_class(result: EvaluationResult) -> dict[str, dict]:
     mapping, scores = result.mapping, result.scores
     out: dict[str, dict] = {}
