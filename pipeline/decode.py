@@ -62,7 +62,10 @@ def decode_image(data: bytes, max_image_pixels: int) -> DecodedImage:
         return _decode(data, max_image_pixels)
     except Image.DecompressionBombError as exc:
         return _failed("too_large", str(exc))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+    except UnidentifiedImageError:
+        return _failed("decode_error", "cannot identify image file (not an image, or an "
+                       "unsupported format)")
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         return _failed("decode_error", f"{type(exc).__name__}: {exc}")
 
 

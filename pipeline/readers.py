@@ -71,14 +71,28 @@ def _iter_tar(shard: ShardSpec, fs: Any) -> Iterator[RawImage]:
     seen: set[str] = set()
     with retry(lambda: fs.open(path, "rb", block_size=TAR_BLOCK_BYTES), f"open {path}") as f:
         try:
-            with tarfile.open(fileobj=f, mode="r|*") as archive:
+            with tarfile.open(fileobj=f, mode="r|") as archive:
                 for member in archive:
                     item = _tar_item(archive, member, shard, seen)
                     if item is not None:
                         yield item
+                end = archive.offset
+            if not _ends_cleanly(f, end):
+                raise tarfile.ReadError(f"no end-of-archive marker at byte {end}")
         except (tarfile.TarError, EOFError, ValueError) as exc:
             yield RawImage(_archive_key(shard), shard.source_uri,
                            error=("decode_error", f"invalid or truncated tar archive: {exc}"))
+
+
+def _ends_cleanly(f: Any, offset: int) -> bool:
+    """Whether a zero block (end-of-archive marker) follows the last member.
+
+    ``tarfile`` stops silently at a truncation or garbage between members; this tells a
+    complete archive from a damaged one.
+    """
+    f.seek(offset)
+    block = f.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and block.count(0) == tarfile.BLOCKSIZE
 
 
 def _tar_item(archive: tarfile.TarFile, member: tarfile.TarInfo, shard: ShardSpec,

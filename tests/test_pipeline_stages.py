@@ -1,0 +1,378 @@
+"""Pipeline stages as plain functions (no Ray): decode, list, read, retry, label, write, plan."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import edge_case_images, encode, photo, photos, write_vocabulary
+from PIL import Image
+
+from cass_engine import CassConfig
+from pipeline import storage
+from pipeline.config import ComputeConfig, ConfigError, IOConfig, redact
+from pipeline.decode import decode_image
+from pipeline.engine import EngineSpec, stage_weights
+from pipeline.plan import JobConfig, StartupError, plan_job
+from pipeline.readers import iter_raw_images, tar_key
+from pipeline.record import OutputConflict, check_compatible
+from pipeline.shards import InputError, ShardSpec, list_shards, safe_shard_id
+from pipeline.stub import StubOptions, stub_labels
+from pipeline.worker import LabelWorker, WorkerSpec
+from schemas import annotations_to_label_map
+from schemas.io import read_label_table
+
+LIMIT = 1_000_000
+
+
+# ---------------------------------------------------------------------- decode
+@pytest.mark.parametrize("name", sorted(edge_case_images()))
+def test_decode_edge_cases(name):
+    data, expected = edge_case_images()[name]
+    decoded = decode_image(data, LIMIT)
+    assert decoded.status == expected, decoded.error
+    if expected == "ok":
+        assert decoded.rgb.dtype == np.uint8 and decoded.rgb.ndim == 3
+        assert decoded.rgb.shape == (decoded.height, decoded.width, 3)
+    else:
+        assert decoded.rgb is None and decoded.error
+
+
+def test_decode_mode_conversions_are_exact():
+    rgb = photo("astronaut", 48)
+    gray = decode_image(encode(Image.fromarray(rgb).convert("L")), LIMIT).rgb
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+    alpha = decode_image(encode(Image.fromarray(rgb).convert("RGBA")), LIMIT).rgb
+    np.testing.assert_array_equal(alpha, rgb)
+    values = (np.arange(32 * 40, dtype=np.uint16).reshape(32, 40) * 50)
+    gray16 = decode_image(encode(Image.fromarray(values)), LIMIT).rgb
+    np.testing.assert_array_equal(gray16[..., 0], (values >> 8).astype(np.uint8))
+
+
+def test_decode_applies_exif_orientation():
+    image = np.zeros((40, 20, 3), dtype=np.uint8)
+    image[:10] = 255  # white band at the top
+    pil = Image.fromarray(image)
+    exif = pil.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    decoded = decode_image(encode(pil, "JPEG", exif=exif.tobytes(), quality=100), LIMIT)
+    assert (decoded.height, decoded.width) == (20, 40)
+    assert decoded.rgb[:, -10:].mean() > 200 and decoded.rgb[:, :10].mean() < 50
+
+
+def test_decode_too_large_is_checked_from_the_header():
+    decoded = decode_image(encode(np.zeros((100, 100, 3), dtype=np.uint8)), 5000)
+    assert decoded.status == "too_large" and (decoded.width, decoded.height) == (100, 100)
+    assert decode_image(encode(np.zeros((50, 100, 3), dtype=np.uint8)), 5000).status == "ok"
+
+
+# ---------------------------------------------------------------------- listing
+def _write_images(root: Path, names: list[str]) -> None:
+    for i, name in enumerate(names):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(photos(i + 1)[-1]))
+
+
+def test_image_files_grouped_in_stable_sorted_shards(tmp_path):
+    _write_images(tmp_path / "in", ["b.png", "a.png", "sub/c.jpg", "sub/a.png", "z.png"])
+    (tmp_path / "in" / "notes.txt").write_text("ignored")
+    io_cfg = IOConfig(str(tmp_path / "in"), str(tmp_path / "out"), images_per_shard=2)
+    shards = list_shards(io_cfg)
+    assert [s.shard_id for s in shards] == ["images-000000", "images-000001", "images-000002"]
+    assert [k for s in shards for k in s.keys] == ["a.png", "b.png", "sub/a.png", "sub/c.jpg",
+                                                   "z.png"]
+    assert list_shards(io_cfg) == shards
+    limited = list_shards(IOConfig(str(tmp_path / "in"), str(tmp_path / "o"), limit=3))
+    assert [k for s in limited for k in s.keys] == ["a.png", "b.png", "sub/a.png"]
+
+
+def test_listing_formats_globs_and_errors(tmp_path):
+    (tmp_path / "tars").mkdir()
+    for name in ("s-1.tar", "s-0.tar"):
+        (tmp_path / "tars" / name).write_bytes(_tar_bytes({"k.png": encode(photo("coins"))}))
+    shards = list_shards(IOConfig(str(tmp_path / "tars"), str(tmp_path / "out")))
+    assert [(s.shard_id, s.kind) for s in shards] == [("s-0", "webdataset"),
+                                                      ("s-1", "webdataset")]
+    globbed = list_shards(IOConfig(str(tmp_path / "tars" / "*-1.tar"), str(tmp_path / "o")))
+    assert [s.shard_id for s in globbed] == ["s-1"]
+    (tmp_path / "tars" / "x.parquet").write_bytes(b"")
+    with pytest.raises(InputError, match="mixes"):
+        list_shards(IOConfig(str(tmp_path / "tars"), str(tmp_path / "out")))
+    forced = list_shards(IOConfig(str(tmp_path / "tars"), str(tmp_path / "o"),
+                                  input_format="parquet"))
+    assert [s.shard_id for s in forced] == ["x"]
+    with pytest.raises(InputError, match="does not exist"):
+        list_shards(IOConfig(str(tmp_path / "missing"), str(tmp_path / "out")))
+
+
+def test_shard_ids_are_safe_and_unique():
+    assert safe_shard_id("shard-000", "shard-000.tar") == "shard-000"
+    assert safe_shard_id("dir/part", "dir/part.tar") == "dir__part"
+    weird = safe_shard_id("../a b?", "../a b?.tar")
+    assert "/" not in weird and " " not in weird and ".." not in weird.split("-")[0]
+    assert weird != safe_shard_id("../a b!", "../a b!.tar")
+
+
+# ---------------------------------------------------------------------- readers
+def _tar_bytes(members: dict[str, bytes], symlink: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        if symlink:
+            info = tarfile.TarInfo(symlink)
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            archive.addfile(info)
+    return buffer.getvalue()
+
+
+def test_tar_member_names_never_become_paths(tmp_path, monkeypatch):
+    png = encode(photo("coins", 32))
+    members = {"../../evil.png": png, "/abs/x.png": png, "dir/ok.jpg": png,
+               "dir/ok.json": b"{}"}
+    shard_file = tmp_path / "shard.tar"
+    shard_file.write_bytes(_tar_bytes(members, symlink="link.png"))
+    work = tmp_path / "cwd" / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    fs, _ = storage.filesystem(str(shard_file))
+    shard = ShardSpec("shard", "webdataset", (str(shard_file),), (), str(shard_file), "fp")
+    items = list(iter_raw_images(shard, fs))
+    assert [i.key for i in items] == ["../../evil", "/abs/x", "dir/ok"]
+    assert all(i.data == png for i in items)
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert tar_key("a/b.c.jpg") == "a/b.c"
+
+
+def test_damaged_archives_yield_an_error_item(tmp_path):
+    good = _tar_bytes({f"{i}.png": encode(photo("coins", 32)) for i in range(3)})
+    (tmp_path / "cut.tar").write_bytes(good[: len(good) // 2])
+    (tmp_path / "junk.tar").write_bytes(b"not a tar file" * 100)
+    fs, _ = storage.filesystem(str(tmp_path))
+    for name, min_good in (("cut.tar", 1), ("junk.tar", 0)):
+        shard = ShardSpec(name, "webdataset", (str(tmp_path / name),), (), name, "fp")
+        items = list(iter_raw_images(shard, fs))
+        assert items[-1].error is not None and items[-1].error[0] == "decode_error"
+        assert items[-1].key == name and len(items) - 1 >= min_good
+
+
+def test_parquet_reader_binary_struct_and_ids(tmp_path):
+    png = encode(photo("camera", 32))
+    table = pa.table({"img": [png, None, png], "name": ["x", "y", "z"]})
+    pq.write_table(table, tmp_path / "p.parquet")
+    hf = pa.table({"image": [{"bytes": png, "path": "a.png"}]})
+    pq.write_table(hf, tmp_path / "hf.parquet")
+    fs, _ = storage.filesystem(str(tmp_path))
+    shard = ShardSpec("p", "parquet", (str(tmp_path / "p.parquet"),), (), "p", "fp")
+    items = list(iter_raw_images(shard, fs, "img", "name"))
+    assert [(i.key, len(i.data)) for i in items] == [("x", len(png)), ("y", 0), ("z", len(png))]
+    shard = ShardSpec("hf", "parquet", (str(tmp_path / "hf.parquet"),), (), "hf", "fp")
+    assert [(i.key, i.data) for i in iter_raw_images(shard, fs)] == [("00000000", png)]
+
+
+# ---------------------------------------------------------------------- storage
+def test_retry_transient_errors_then_succeed_and_permanent_fail_fast():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return "ok"
+
+    assert storage.retry(flaky, "flaky", base_delay_s=0.01) == "ok" and len(calls) == 3
+    calls.clear()
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("gone")
+
+    with pytest.raises(FileNotFoundError):
+        storage.retry(missing, "missing", base_delay_s=0.01)
+    assert len(calls) == 1
+    assert storage.is_transient(OSError("SlowDown: please reduce your request rate"))
+    assert not storage.is_transient(PermissionError("AccessDenied"))
+
+
+# ---------------------------------------------------------------------- worker
+def _worker(tmp_path: Path, vocab: Path, stub: StubOptions | None = None,
+            **io_options) -> LabelWorker:
+    config = CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab))
+    engine = EngineSpec(config, stub=stub or StubOptions())
+    io_cfg = IOConfig(str(tmp_path / "in"), str(tmp_path / "out"), max_image_pixels=LIMIT,
+                      **io_options)
+    spec = WorkerSpec(engine, io_cfg, ComputeConfig(batch_size=3), "fingerprint-1",
+                      {"schema_version": "1.0"})
+    return LabelWorker(spec)
+
+
+def test_worker_labels_a_shard_exactly_and_writes_record_last(tmp_path, vocab_file,
+                                                              monkeypatch):
+    cases = edge_case_images()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "s.tar").write_bytes(_tar_bytes({k: v for k, (v, _) in cases.items()}))
+    writes = []
+    original = storage.put_bytes
+    monkeypatch.setattr("pipeline.writer.put_bytes",
+                        lambda fs, path, data: (writes.append(path), original(fs, path, data)))
+    worker = _worker(tmp_path, vocab_file)
+    shard = list_shards(worker.spec.io)[0]
+    record = worker.process_shard(shard)
+    assert [Path(p).parent.name for p in writes] == ["labels", "_done"]
+    table, meta = read_label_table(str(tmp_path / "out" / "labels" / "s.parquet"))
+    rows = {r["key"]: r for r in table.to_pylist()}
+    assert set(rows) == {tar_key(k) for k in cases}
+    for name, (data, expected) in cases.items():
+        row = rows[tar_key(name)]
+        assert row["status"] == expected, (name, row["error"])
+        if expected == "ok":
+            labels = annotations_to_label_map(row["annotations"], row["height"], row["width"])
+            np.testing.assert_array_equal(labels, stub_labels(decode_image(data, LIMIT).rgb, 5))
+            assert len(row["presence"]) == 5
+    assert record["num_images"] == len(cases) and record["fingerprint"] == "fingerprint-1"
+    done = json.loads((tmp_path / "out" / "_done" / "s.json").read_text())
+    assert done["sha256"] == record["sha256"] and done["num_errors"] == 5
+    assert meta["schema_version"] == "1.0"
+
+
+def test_engine_failure_on_one_image_becomes_an_error_row(tmp_path, vocab_file):
+    (tmp_path / "in").mkdir()
+    for name, side in (("a.png", 96), ("b.png", 50), ("c.png", 70)):
+        (tmp_path / "in" / name).write_bytes(encode(photo("astronaut", side)))
+    worker = _worker(tmp_path, vocab_file, StubOptions(fail_on_height=50))
+    worker.process_shard(list_shards(worker.spec.io)[0])
+    table, _ = read_label_table(str(tmp_path / "out" / "labels" / "images-000000.parquet"))
+    statuses = [r["status"] for r in table.to_pylist()]
+    assert statuses == ["ok", "engine_error", "ok"]
+
+
+def test_storage_errors_during_write_are_retried(tmp_path, vocab_file, monkeypatch):
+    _write_images(tmp_path / "in", ["a.png"])
+    worker = _worker(tmp_path, vocab_file)
+    real_pipe, failures = worker._out_fs.pipe_file, []
+
+    def flaky_pipe(path, data, **kwargs):
+        if len(failures) < 2:
+            failures.append(path)
+            raise ConnectionResetError("reset")
+        return real_pipe(path, data, **kwargs)
+
+    monkeypatch.setattr(worker._out_fs, "pipe_file", flaky_pipe)
+    monkeypatch.setattr(storage.random, "uniform", lambda a, b: 0.01)
+    worker.process_shard(list_shards(worker.spec.io)[0])
+    assert len(failures) == 2
+    assert (tmp_path / "out" / "_done" / "images-000000.json").exists()
+
+
+# ---------------------------------------------------------------------- plan / record
+def _job(tmp_path: Path, vocab: Path, **io_options) -> JobConfig:
+    config = CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab))
+    io_cfg = IOConfig(str(tmp_path / "in"), str(tmp_path / "out"), **io_options)
+    return JobConfig(io_cfg, ComputeConfig(), EngineSpec(config, stub=StubOptions()))
+
+
+def test_plan_fails_fast_with_clear_messages(tmp_path, vocab_file):
+    with pytest.raises(StartupError, match="does not exist"):
+        plan_job(_job(tmp_path, vocab_file))
+    _write_images(tmp_path / "in", ["a.png"])
+    with pytest.raises(StartupError, match="vocabulary"):
+        plan_job(_job(tmp_path, tmp_path / "no-such-vocab.txt"))
+    pq.write_table(pa.table({"x": [b"1"]}), tmp_path / "in" / "a.parquet")
+    with pytest.raises(StartupError, match="column 'image'"):
+        plan_job(_job(tmp_path, vocab_file, input_format="parquet"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_refuses_to_mix_vocabularies_unless_overwrite(tmp_path, vocab_file):
+    _write_images(tmp_path / "in", ["a.png"])
+    plan = plan_job(_job(tmp_path, vocab_file))
+    assert [s.shard_id for s in plan.todo] == ["images-000000"]
+    other = write_vocabulary(tmp_path / "other.txt", ["cat", "dog"])
+    with pytest.raises(StartupError, match="vocabulary_hash"):
+        plan_job(_job(tmp_path, other))
+    (tmp_path / "out" / "labels").mkdir()
+    (tmp_path / "out" / "labels" / "old.parquet").write_bytes(b"x")
+    plan = plan_job(_job(tmp_path, other, overwrite=True))
+    assert not (tmp_path / "out" / "labels").exists()
+    assert plan.record["categories"][1]["name"] == "dog"
+
+
+def test_check_compatible_needs_a_record_for_existing_shards():
+    check_compatible(None, {}, "fp", has_shards=False)
+    with pytest.raises(OutputConflict, match="no run.json"):
+        check_compatible(None, {}, "fp", has_shards=True)
+    with pytest.raises(OutputConflict, match="gamma: 0.2 -> 0.3"):
+        check_compatible({"fingerprint": "a", "identity": {"config": {"gamma": 0.2}}},
+                         {"config": {"gamma": 0.3}}, "b", has_shards=True)
+
+
+# ---------------------------------------------------------------------- config / CLI
+def test_config_validation_and_redaction():
+    with pytest.raises(ConfigError, match="images_per_shard"):
+        IOConfig("in", "out", images_per_shard=0)
+    with pytest.raises(ConfigError, match="differ"):
+        IOConfig("s3://b/x", "s3://b/x/")
+    with pytest.raises(ConfigError, match="batch_size"):
+        ComputeConfig(batch_size=0)
+    with pytest.raises(ValueError, match="random"):
+        EngineSpec(CassConfig(), clip_weights="a.pt", random_weights=0)
+    options = {"endpoint_url": "http://h", "key": "AKIA", "secret": "s3cr3t",
+               "client_kwargs": {"aws_session_token": "T0KEN-VALUE"}}
+    public = json.dumps(IOConfig("in", "out", storage_options=options).public_dict())
+    assert "s3cr3t" not in public and "AKIA" not in public and "T0KEN-VALUE" not in public
+    assert redact(options)["endpoint_url"] == "http://h"
+
+
+def test_cli_flags_only_override_dataclass_defaults(vocab_file):
+    from jobs.label import build_parser, job_from_args
+
+    base = ["--input", "in", "--output", "out", "--vocab", str(vocab_file)]
+    job = job_from_args(build_parser().parse_args(base))
+    assert job.io == IOConfig("in", "out") and job.compute == ComputeConfig()
+    job = job_from_args(build_parser().parse_args(base + ["--batch-size", "4", "--format",
+                                                          "parquet", "--random-weights", "3"]))
+    assert job.compute.batch_size == 4 and job.compute.actors is None
+    assert job.io.input_format == "parquet" and job.engine.random_weights == 3
+    help_text = " ".join(build_parser().format_help().split())
+    for option in ("--images-per-shard", "--storage-options", "--limit", "--actors",
+                   "--gpus-per-actor", "--batch-size", "--max-image-pixels", "--preset"):
+        assert option in help_text
+    assert f"(default: {IOConfig('i', 'o').images_per_shard})" in help_text
+
+
+def test_import_rules():
+    code = ("import sys, importlib; importlib.import_module(sys.argv[1]); "
+            "print(sorted(m for m in ('ray', 'pyarrow', 'fsspec', 'torch') if m in sys.modules))")
+    run = lambda mod: subprocess.run([sys.executable, "-c", code, mod], capture_output=True,  # noqa: E731
+                                     text=True, check=True).stdout.strip()
+    assert "ray" not in run("pipeline.worker")
+    assert run("cass_engine") == "['torch']"
+
+
+def test_weights_are_staged_once_per_node(tmp_path, monkeypatch):
+    import fsspec
+
+    with fsspec.open("memory://weights/clip.pt", "wb") as f:
+        f.write(b"weights")
+    assert stage_weights("/local/clip.pt", str(tmp_path), {}) == "/local/clip.pt"
+    calls = []
+    real = __import__("pipeline.engine", fromlist=["_download"])._download
+    monkeypatch.setattr("pipeline.engine._download",
+                        lambda *a: (calls.append(a), real(*a)))
+    first = stage_weights("memory://weights/clip.pt", str(tmp_path), {})
+    second = stage_weights("memory://weights/clip.pt", str(tmp_path), {})
+    assert first == second and Path(first).read_bytes() == b"weights" and len(calls) == 1
+    assert os.path.dirname(first) == str(tmp_path / "weights")
