@@ -16,7 +16,13 @@ import sys
 
 from pipeline.audit import AuditError, build_metrics, write_report
 from pipeline.audit.report import empty_unmatched
-from pipeline.benchmarks import BENCHMARKS, comparison_table, get_benchmark, run_benchmark
+from pipeline.benchmarks import (
+    BENCHMARKS,
+    comparison_table,
+    get_benchmark,
+    list_samples,
+    run_benchmark,
+)
 
 EXIT_INPUT_ERROR = 2
 
@@ -74,9 +80,11 @@ def run(args: argparse.Namespace, segment=None) -> int:
     """Evaluate; ``segment`` replaces the engine (tests). Returns the exit status."""
     _validate(args)
     spec = get_benchmark(args.benchmark)
+    samples = list_samples(spec, args.data_root, args.limit)  # fail fast, before the engine
     segment = segment or build_segment_fn(args)
-    result = run_benchmark(spec, args.data_root, segment, args.limit, args.batch_size,
-                           args.worst_k if args.report else 0, not args.no_progress)
+    result = run_benchmark(spec, args.data_root, segment, batch_size=args.batch_size,
+                           worst_k=args.worst_k if args.report else 0,
+                           progress=not args.no_progress, samples=samples)
     print(comparison_table(spec, result))
     if args.random_weights is not None:
         print("note: random weights; the numbers say nothing about quality", file=sys.stderr)

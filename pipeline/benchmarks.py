@@ -216,7 +216,8 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
 
 def run_benchmark(spec: BenchmarkSpec, data_root: str | Path, segment: SegmentFn,
                   limit: int | None = None, batch_size: int = 1, worst_k: int = 0,
-                  progress: bool = True) -> EvaluationResult:
+                  progress: bool = True,
+                  samples: Sequence[BenchmarkSample] | None = None) -> EvaluationResult:
     """Segment every sample and accumulate the mmseg metrics.
 
     Args:
@@ -227,8 +228,10 @@ def run_benchmark(spec: BenchmarkSpec, data_root: str | Path, segment: SegmentFn
         batch_size: images per ``segment`` call.
         worst_k: worst images kept for a report.
         progress: progress line on stderr.
+        samples: the samples, when already listed (``data_root`` and ``limit`` then unused).
     """
-    samples = list_samples(spec, data_root, limit)
+    if samples is None:
+        samples = list_samples(spec, data_root, limit)
     evaluator = Evaluator(identity_mapping(spec.class_names()), worst_k)
     meter = Progress(spec.name, len(samples), sys.stderr if progress else None)
     for batch in _batches(samples, batch_size):
