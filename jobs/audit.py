@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-suffix", default=".png", help="mask file-name ending (default .png)")
     p.add_argument("--reduce-zero-label", action="store_true",
                    help="masks: value 0 is unlabeled (mmseg reduce_zero_label)")
+    p.add_argument("--image-suffix", default=None,
+                   help="image file-name ending removed from label keys when matching mask "
+                   "names (e.g. _leftImg8bit.png for Cityscapes gtFine masks)")
     p.add_argument("--coco-unlabeled", choices=("background", "ignore"), default="background",
                    help="COCO: pixels without annotation are 'background' or ignored")
     p.add_argument("--worst-k", type=int, default=8, help="worst images shown (default 8)")
@@ -64,6 +67,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         labels=args.labels, ground_truth=args.ground_truth, report_dir=args.report,
         gt_format=args.gt_format, category_map=args.category_map, gt_classes=args.gt_classes,
         mask_suffix=args.mask_suffix, reduce_zero_label=args.reduce_zero_label,
+        image_suffix=args.image_suffix,
         coco_unlabeled=args.coco_unlabeled, worst_k=args.worst_k, coco_ap=args.coco_ap,
         fail_under=args.fail_under, storage_options=options, progress=not args.no_progress,
     )
@@ -95,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"audit: error: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     _print_summary(outcome.metrics, outcome.files)
+    if outcome.metrics["num_images"] == 0:
+        print("audit: warning: no labels row matched a ground-truth image; check the ids and "
+              "file names (see unmatched.tsv, --image-suffix, --mask-suffix)", file=sys.stderr)
     if outcome.exit_code:
         print(f"audit: mIoU {outcome.metrics['mIoU']} is below --fail-under {args.fail_under}",
               file=sys.stderr)

@@ -50,6 +50,7 @@ def _scene(tmp_path: Path) -> dict[str, str]:
     _save(gt / "a.png", gt_a)
     _save(gt / "b.png", gt_b)
     _save(gt / "lonely.png", gt_b)
+    _save(gt / "c.png", gt_b)  # its labels row failed: reported as failed, not unmatched
     (gt / "classes.txt").write_text("background\ncat\ndog\n")
     return {"labels": str(labels), "gt": str(gt), "report": str(tmp_path / "report")}
 
@@ -154,6 +155,8 @@ def test_parquet_ground_truth_is_detected_and_self_audit_is_perfect(tmp_path):
     metrics = json.loads((Path(paths["report"]) / "metrics.json").read_text())
     assert metrics["mIoU"] == 100.0 and metrics["aAcc"] == 100.0
     assert metrics["num_images"] == 3
+    assert metrics["unmatched"]["ground_truth_not_ok"] == 1  # c.jpg is an error row
+    assert metrics["unmatched"]["failed_predictions"] == 1
     assert "labels-schema Parquet" in metrics["sources"]["ground_truth"]
 
 
@@ -166,3 +169,23 @@ def test_command_line_entry_point_runs_as_a_script(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "audit: rows: 4" in proc.stderr  # progress on stderr; s2 is incomplete
     assert "mIoU" in proc.stdout
+
+
+def test_image_suffix_matches_cityscapes_style_names(tmp_path):
+    labels = tmp_path / "out"
+    key = "frankfurt_000000_000294_leftImg8bit.png"
+    write_labels_output(str(labels), {"s0": [ok_row(key, np.zeros((2, 2), np.int64), 3)]},
+                        CLASSES)
+    gt = tmp_path / "gtFine" / "val"
+    _save(gt / "frankfurt" / "frankfurt_000000_000294_gtFine_labelTrainIds.png",
+          np.zeros((2, 2), np.uint8))
+    (tmp_path / "classes.txt").write_text("background\ncat\ndog\n")
+    paths = {"labels": str(labels), "gt": str(gt), "report": str(tmp_path / "r")}
+    common = ("--gt-classes", str(tmp_path / "classes.txt"), "--mask-suffix",
+              "_gtFine_labelTrainIds.png")
+    assert _run(paths, *common) == 0
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["num_images"] == 0 and metrics["unmatched"]["predictions"] == 1
+    assert _run(paths, *common, "--image-suffix", "_leftImg8bit.png") == 0
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["num_images"] == 1 and metrics["mIoU"] == 100.0

@@ -184,3 +184,18 @@ def test_unmapped_ground_truth_and_predictions_go_to_other():
     assert result.summary["aAcc"] == pytest.approx(2 / 3)  # car pixel is not in aAcc
     pixels = build_metrics(result, empty_unmatched(), {})["pixels"]
     assert pixels["unmapped_ground_truth"] == 1 and pixels["unmapped_prediction_on_evaluated"] == 1
+
+
+def test_evaluator_state_does_not_grow_with_the_number_of_images():
+    rng = np.random.default_rng(1)
+    ev = Evaluator(identity_mapping(["a", "b", "c"]), worst_k=2)
+    sizes = []
+    for i in range(120):
+        gt = rng.integers(0, 3, size=(16, 16))
+        ev.add(ImageRef(str(i)), gt, rng.integers(0, 3, size=(16, 16)), rng.random(3))
+        sizes.append((ev.confusion.confusion.nbytes, ev.presence.hist.nbytes,
+                      len(ev.worst._heap)))
+    assert sizes[10] == sizes[-1] == (4 * 4 * 8, sizes[0][1], 2)
+    result = ev.result()
+    assert result.num_images == 120 and result.confusion.sum() == 120 * 256
+    assert result.presence_positives.tolist()[:3] == [120, 120, 120]

@@ -39,7 +39,7 @@ def _summary(metrics: Mapping) -> str:
     rows += [(f"COCO segm {k}", _fmt(v)) for k, v in (metrics.get("coco_segm") or {}).items()]
     counts = [(k.replace("_", " "), un.get(k, 0)) for k in (
         "ground_truth", "predictions", "failed_predictions", "invalid_predictions",
-        "duplicate_predictions", "incomplete_shards")]
+        "duplicate_predictions", "incomplete_shards", "ground_truth_not_ok")]
     return (f"<p>Labels: <code>{escape(str(src.get('labels')))}</code><br>Ground truth: "
             f"{escape(str(src.get('ground_truth')))}<br>Images evaluated: "
             f"{metrics['num_images']}, classes evaluated: {metrics['num_classes']}</p>"

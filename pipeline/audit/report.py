@@ -6,9 +6,13 @@
 - ``mIoU``, ``aAcc``, ``mAcc``, ``presence_mAP``, ``num_images``, ``num_classes``
 - ``per_class``: ``{name: {iou, acc, gt_pixels, pred_pixels, presence_ap, presence_positives,
   mapped_from}}`` for every evaluated ground-truth category
-- ``unmatched``: counts (``ground_truth``, ``predictions``, ``failed_predictions``,
-  ``invalid_predictions``, ``duplicate_predictions``, ``incomplete_shards``) and up to
-  :data:`EXAMPLES` ids of each under ``examples`` (full lists in ``unmatched.tsv``)
+- ``unmatched``: counts and up to :data:`EXAMPLES` ids of each kind under ``examples`` (full
+  lists in ``unmatched.tsv``): ``ground_truth`` (ground-truth images no labels row names),
+  ``predictions`` (ok rows naming no ground-truth image), ``failed_predictions`` (rows with
+  an error status), ``invalid_predictions`` (ok rows whose masks do not decode to a label
+  map), ``duplicate_predictions`` (a second row for an already matched image),
+  ``incomplete_shards`` (label files without a completion record, not read) and
+  ``ground_truth_not_ok`` (error rows of Parquet ground truth)
 - ``mapping``, ``pixels``, ``coco_segm``, ``worst_images``, ``sources``, ``conventions``
 """
 
@@ -41,7 +45,7 @@ def pct(value: float | None) -> float | None:
 
 
 UNMATCHED_KINDS = ("ground_truth", "predictions", "failed_predictions", "invalid_predictions",
-                   "duplicate_predictions", "incomplete_shards")
+                   "duplicate_predictions", "incomplete_shards", "ground_truth_not_ok")
 
 
 def empty_unmatched() -> dict:

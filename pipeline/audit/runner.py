@@ -25,7 +25,7 @@ from .predictions import (
 )
 from .progress import Progress
 from .report import EXAMPLES, build_metrics
-from .sources import load_source_image, read_text, url_to_fs
+from .sources import load_source_image, name_aliases, read_text, url_to_fs
 from .worst import ImageRef
 from .writer import write_report
 
@@ -46,6 +46,8 @@ class AuditConfig:
         gt_classes: class list of mask ground truth (default ``ROOT/classes.txt``).
         mask_suffix: file-name ending of the masks.
         reduce_zero_label: mmseg's rule for masks whose 0 means unlabeled.
+        image_suffix: file-name ending of the labelled images, removed from their keys when
+            matching (e.g. ``_leftImg8bit.png`` against Cityscapes ``gtFine`` masks).
         coco_unlabeled: ``"background"`` or ``"ignore"`` for pixels no COCO annotation covers.
         worst_k: number of worst images shown with overlays.
         coco_ap: also compute COCOeval segm AP (memory grows with the dataset).
@@ -62,6 +64,7 @@ class AuditConfig:
     gt_classes: str | None = None
     mask_suffix: str = ".png"
     reduce_zero_label: bool = False
+    image_suffix: str | None = None
     coco_unlabeled: str = "background"
     worst_k: int = 8
     coco_ap: bool = False
@@ -127,14 +130,28 @@ def open_ground_truth(config: AuditConfig) -> GroundTruth:
                                  config.reduce_zero_label, options)
 
 
+def _candidates(row: dict, image_suffix: str | None) -> list[str]:
+    aliases = row_aliases(row)
+    key = str(row.get("key") or "")
+    if image_suffix and key.endswith(image_suffix):
+        aliases += name_aliases(key[: -len(image_suffix)])
+    return aliases
+
+
 def _evaluate_row(row: dict, labels: LabelsSource, gt: GroundTruth, evaluator: Evaluator,
-                  log: MatchLog) -> str:
-    """Evaluate or log one labels row; returns what happened (for the progress line)."""
+                  log: MatchLog, image_suffix: str | None = None) -> str:
+    """Evaluate or log one labels row; returns what happened (for the progress line).
+
+    A failed row still claims its ground-truth image, which is then reported under
+    ``failed_predictions`` rather than as unmatched ground truth.
+    """
     image_id = str(row.get("image_id"))
+    key = gt.match(_candidates(row, image_suffix))
     if not is_ok(row):
         log.failed_predictions.append((image_id, f"{row.get('status')}: {row.get('error')}"))
+        if key is not None:
+            log.matched.add(key)
         return "failed"
-    key = gt.match(row_aliases(row))
     if key is None:
         log.predictions.append(image_id)
         return "unmatched"
@@ -161,6 +178,7 @@ def _unmatched(log: MatchLog, gt: GroundTruth, labels: LabelsSource) -> tuple[di
         "invalid_predictions": log.invalid_predictions,
         "duplicate_predictions": log.duplicate_predictions,
         "incomplete_shards": labels.incomplete_shards,
+        "ground_truth_not_ok": list(getattr(gt, "not_ok", [])),
     }
     counts: dict = {kind: len(items) for kind, items in lists.items()}
     counts["examples"] = {kind: [item[0] if isinstance(item, tuple) else item
@@ -188,7 +206,7 @@ def evaluate_labels(config: AuditConfig) -> tuple[EvaluationResult, dict, dict, 
     log = MatchLog()
     progress = Progress("audit: rows", None, sys.stderr if config.progress else None)
     for row in iter_rows(labels):
-        outcome = _evaluate_row(row, labels, gt, evaluator, log)
+        outcome = _evaluate_row(row, labels, gt, evaluator, log, config.image_suffix)
         progress.update(1, **({outcome: 1} if outcome != "ok" else {}))
     progress.close()
     counts, lists = _unmatched(log, gt, labels)
