@@ -88,7 +88,7 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
         return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+    return np.array(image, dtype=np.uint8)  # a writable copy (torch warns on read-only)
 
 
 def _to_uint8_gray(image: Image.Image) -> np.ndarray:

@@ -41,6 +41,7 @@ class Progress:
     shards_done: int = 0
     shards_failed: int = 0
     retries: int = 0
+    truncated: int = 0
     images: int = 0
     ok: int = 0
     annotations: int = 0
@@ -55,6 +56,7 @@ class Progress:
 
     def shard_done(self, record: Mapping) -> None:
         self.shards_done += 1
+        self.truncated += bool(record.get("truncated"))
         self.images += int(record["num_images"])
         self.ok += int(record["num_ok"])
         self.annotations += int(record["num_annotations"])
@@ -103,7 +105,8 @@ class Progress:
         return {
             "shards": self.total_shards + self.skipped_shards,
             "shards_labelled": self.shards_done, "shards_skipped": self.skipped_shards,
-            "shards_failed": self.shards_failed, "retries": self.retries,
+            "shards_failed": self.shards_failed, "shards_truncated": self.truncated,
+            "retries": self.retries,
             "images": self.images, "images_ok": self.ok,
             "images_error": sum(self.errors.values()),
             "errors_by_status": dict(sorted(self.errors.items())),

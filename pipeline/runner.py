@@ -90,7 +90,8 @@ def _start_pool(plan: JobPlan, emit: Callable[[str], None]) -> WorkerPool:
 
 def _finish(plan: JobPlan, progress: Progress, failed: list[dict], pool: WorkerPool | None,
             unscheduled: int, status: str | None = None) -> RunSummary:
-    status = status or ("incomplete" if failed else "limited" if unscheduled else "complete")
+    limited = unscheduled or progress.truncated
+    status = status or ("incomplete" if failed else "limited" if limited else "complete")
     record = plan.record
     record.update(status=status, ended_at=now_iso(), totals=progress.totals(),
                   failed_shards=failed, unscheduled_shards=unscheduled)
