@@ -52,7 +52,8 @@ def clip_cls_embedding(visual: nn.Module, tokens11: torch.Tensor) -> torch.Tenso
     return F.normalize(cls.float(), dim=-1)
 
 
-def clip_last_keys_values(visual: nn.Module, tokens11: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_last_keys_values(visual: nn.Module,
+                          tokens11: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of block 12 for the patch tokens (class token dropped).
 
     Returns:

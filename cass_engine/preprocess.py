@@ -7,6 +7,7 @@ shape ``[3, H, W]`` unless stated otherwise.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -77,8 +78,8 @@ def reference_dino_lut(device: torch.device | str = "cpu") -> torch.Tensor:
     clip_mean = torch.tensor(CLIP_MEAN_255, dtype=torch.float32)[:, None]
     clip_std = torch.tensor(CLIP_STD_255, dtype=torch.float32)[:, None]
     normalized = (values - clip_mean) / clip_std
-    un_mean = torch.tensor([-m / s for m, s in zip(IMAGENET_DEFAULT_MEAN, REFERENCE_UNNORM_STD)],
-                           dtype=torch.float32)[:, None]
+    pairs = zip(IMAGENET_DEFAULT_MEAN, REFERENCE_UNNORM_STD, strict=True)
+    un_mean = torch.tensor([-m / s for m, s in pairs], dtype=torch.float32)[:, None]
     un_std = torch.tensor([1.0 / s for s in REFERENCE_UNNORM_STD], dtype=torch.float32)[:, None]
     restored = (normalized - un_mean) / un_std * 255
     return restored.clamp(0, 255).to(torch.uint8).to(device)
@@ -92,18 +93,62 @@ def apply_lut(images: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     return mapped.reshape(c, b, h, w).permute(1, 0, 2, 3)
 
 
-def square_resize_bicubic(images: torch.Tensor) -> torch.Tensor:
-    """Resize uint8 images ``[B, 3, H, W]`` to a square of side ``min(H, W)``.
+PIL_PRECISION_BITS = 22  # Pillow's fixed-point precision for 8-bit resampling
 
-    Pillow's bicubic filter (a = -0.5, support widened when downscaling), which torch's
-    antialiased bicubic reproduces; rounded back to uint8 as Pillow does. A no-op for squares.
+
+def _pil_bicubic(x: float) -> float:
+    a = -0.5
+    x = abs(x)
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    if x < 2.0:
+        return (((x - 5) * x + 8) * x - 4) * a
+    return 0.0
+
+
+@lru_cache(maxsize=64)
+def pil_bicubic_matrix(in_size: int, out_size: int) -> torch.Tensor:
+    """Pillow's fixed-point bicubic resampling weights along one axis, ``[out, in]`` float64.
+
+    Same support widening, per-row normalisation and rounding to integers with 22 fractional
+    bits as Pillow's 8-bit resampler, so ``pil_resample_axis`` reproduces it exactly.
+    """
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)
+    support = 2.0 * filter_scale
+    weights = torch.zeros(out_size, in_size, dtype=torch.float64)
+    one = 1 << PIL_PRECISION_BITS
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        taps = [_pil_bicubic((x + lo - center + 0.5) / filter_scale) for x in range(hi - lo)]
+        total = sum(taps)
+        for i, tap in enumerate(taps):
+            k = tap / total if total != 0.0 else tap
+            weights[xx, lo + i] = int(k * one - 0.5) if k < 0 else int(k * one + 0.5)
+    return weights
+
+
+def pil_resample_axis(images: torch.Tensor, out_size: int, axis: int) -> torch.Tensor:
+    """Resample uint8 images ``[B, 3, H, W]`` along ``axis`` (-1 or -2) as Pillow does."""
+    weights = pil_bicubic_matrix(images.shape[axis], out_size).to(images.device)
+    x = images.double().movedim(axis, -1)
+    acc = x @ weights.T + float(1 << (PIL_PRECISION_BITS - 1))
+    out = torch.floor(acc / float(1 << PIL_PRECISION_BITS)).clamp_(0, 255)
+    return out.to(torch.uint8).movedim(-1, axis)
+
+
+def square_resize_bicubic(images: torch.Tensor) -> torch.Tensor:
+    """Resize uint8 images ``[B, 3, H, W]`` to a square of side ``min(H, W)``, as Pillow's
+    ``Image.resize`` with its bicubic filter does (bit-exact; a no-op for squares).
     """
     side = min(images.shape[-2:])
-    if images.shape[-2] == images.shape[-1]:
-        return images
-    out = F.interpolate(images.float(), size=(side, side), mode="bicubic",
-                        align_corners=False, antialias=True)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    if images.shape[-1] != side:
+        images = pil_resample_axis(images, side, -1)
+    if images.shape[-2] != side:
+        images = pil_resample_axis(images, side, -2)
+    return images
 
 
 def dino_input(crops_uint8: torch.Tensor, mode: str, lut: torch.Tensor | None) -> torch.Tensor:
@@ -125,7 +170,8 @@ def dino_input(crops_uint8: torch.Tensor, mode: str, lut: torch.Tensor | None) -
     return out[..., :h, :w]
 
 
-def crop_boxes(height: int, width: int, crop: int | None, stride: int) -> list[tuple[int, int, int, int]]:
+def crop_boxes(height: int, width: int, crop: int | None,
+               stride: int) -> list[tuple[int, int, int, int]]:
     """Sliding-window crop boxes ``(y1, x1, y2, x2)`` covering an image.
 
     Grid count per axis ``n = max(L - crop + stride - 1, 0) // stride + 1``; a window that

@@ -14,12 +14,24 @@ from torch import nn
 
 from . import backbones as bb
 from .config import CassConfig
-from .decision import (Stitcher, adjusted_patch_logits, class_ranges, finalize, group_membership,
-                       max_over_synonyms)
+from .decision import (
+    Stitcher,
+    adjusted_patch_logits,
+    class_ranges,
+    finalize,
+    group_membership,
+    max_over_synonyms,
+)
 from .images import to_uint8_chw
 from .pamr import pamr
-from .preprocess import (clip_normalize, crop_boxes, dino_input, reference_dino_lut,
-                         resize_uint8, resized_hw)
+from .preprocess import (
+    clip_normalize,
+    crop_boxes,
+    dino_input,
+    reference_dino_lut,
+    resize_uint8,
+    resized_hw,
+)
 from .spectral import fused_attention_output, match_value_range, resize_dino_keys
 from .text import TextEmbeddings, compute_text_embeddings, text_weights_hash
 from .vocabulary import Vocabulary
@@ -152,7 +164,7 @@ class CassSegmenter:
         crop_priors: dict[int, list[torch.Tensor]] = defaultdict(list)
         for batch in self._crop_batches(crops):
             logits, priors = self._crop_logits(resized, batch, image_prior)
-            for crop, crop_logit, prior in zip(batch, logits, priors):
+            for crop, crop_logit, prior in zip(batch, logits, priors, strict=True):
                 stitchers[crop.image].add(crop_logit, crop.box)
                 crop_priors[crop.image].append(prior)
         return [self._decide(originals[i], resized[i], stitchers[i].result(), crop_priors[i],

@@ -63,7 +63,9 @@ def match_value_range(source: torch.Tensor, target: torch.Tensor, fp16: bool) ->
     t_min, t_max = extremes(target)
     r = round_fp16 if fp16 else (lambda x: x)
     unit = r(r(source - s_min) / r(s_max - s_min))
-    return r(r(unit * (t_max - t_min)) + t_min)
+    # float16 arithmetic with float32 scalars as the reference runs it on CPU: the product
+    # takes the float32 range, the sum adds the minimum rounded to float16.
+    return r(r(unit * (t_max - t_min)) + r(t_min))
 
 
 def gram_spectra(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

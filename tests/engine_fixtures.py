@@ -26,7 +26,25 @@ def build_random_backbones(seed: int = 0):
     dino = timm.create_model(DINO_MODEL_NAME, pretrained=False, num_classes=0).eval()
     for p in list(clip.parameters()) + list(dino.parameters()):
         p.requires_grad_(False)
+    _give_heads_distinct_spectra(clip.visual.transformer.resblocks[-1].attn.in_proj_weight, 1.0)
+    _give_heads_distinct_spectra(dino.blocks[-1].attn.qkv.weight, -1.0)
     return clip, dino
+
+
+def _give_heads_distinct_spectra(qkv_weight: torch.Tensor, direction: float) -> None:
+    """Scale the key channels of each head of a last block by a head-specific decay.
+
+    Freshly initialised heads all have nearly the same key spectrum, so their matching costs
+    tie to within float noise and the assignment is decided by rounding. Trained heads differ;
+    giving each random head its own channel decay (the key spectrum's shape) makes the
+    matching well-posed, as it is with real weights.
+    """
+    dim = qkv_weight.shape[1]
+    keys = qkv_weight[dim:2 * dim].view(12, 64, dim)
+    channel = torch.arange(64, dtype=keys.dtype)
+    for head in range(12):
+        rate = 0.01 + 0.008 * (head if direction > 0 else 11 - head)
+        keys[head] *= torch.exp(-rate * channel)[:, None]
 
 
 def photo_336x448() -> np.ndarray:

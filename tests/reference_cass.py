@@ -23,6 +23,7 @@ CLIP_STD = [68.501, 66.632, 70.323]
 IMNET_MEAN = [0.485, 0.456, 0.406]
 IMNET_STD = [0.229, 0.224, 0.225]
 TYPO_STD = [0.229, 0.224, 0.255]
+EXACT_LOW_RANK = False  # True: exact top-10 eigenpairs instead of the randomized SVD
 
 
 def _pos(pos_embed, h, w, patch):
@@ -122,7 +123,7 @@ def _reduced_features(clip, dino, x_norm, inv, cfg):
     dkey = (dkey - dkey.min()) / (dkey.max() - dkey.min())
     dkey = dkey * (k.max() - k.min()) + k.min()  # stays float16, as in the reference
     a_clip = torch.bmm(k, k.transpose(1, 2)) * 0.125
-    a_dino = torch.bmm(dkey, dkey.transpose(1, 2)) * 0.125
+    a_dino = torch.bmm(dkey, dkey.transpose(1, 2)) * 0.125  # float16, as in the reference
     ld = _spectrum(a_dino.double(), cfg.k_eigen)
     lc = _spectrum(a_clip.double(), cfg.k_eigen)
     ld, lc = F.normalize(ld, p=2, dim=1), F.normalize(lc, p=2, dim=1)
@@ -138,7 +139,12 @@ def _reduced_features(clip, dino, x_norm, inv, cfg):
     for idx in range(12):
         i, j = rows[idx], cols[idx]
         wd = 1 - cost[i, j]
-        u, s, vv = torch.svd_lowrank(a_dino[j].double(), q=10)
+        if EXACT_LOW_RANK:
+            ev, evec = torch.linalg.eigh(a_dino[j].double())
+            u, s = evec[:, -10:].flip(-1), ev[-10:].flip(-1)
+            vv = u
+        else:
+            u, s, vv = torch.svd_lowrank(a_dino[j].double(), q=10)
         approx = u @ torch.diag(_scale(s, cfg.eigenscaling)) @ vv.T
         approx.fill_diagonal_(0)
         approx = _range(approx, a_clip[i])
