@@ -52,7 +52,7 @@ class Progress:
             percent = 100.0 * self.count / self.total
             eta = (self.total - self.count) / rate if rate > 0 else float("inf")
             text += f"/{self.total} ({percent:.1f}%, ETA {eta:.0f}s)"
-        text += f" {rate:.1f}/s"
+        text += f" {rate:.3g}/s"
         extra = ", ".join(f"{k} {v}" for k, v in self.notes.items() if v)
         return f"{text} [{extra}]" if extra else text
 

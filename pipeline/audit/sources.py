@@ -77,7 +77,7 @@ def decode_rgb(data: bytes) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))
 
 
 def load_source_image(source_uri: str | None, key: str | None,

@@ -30,12 +30,19 @@ def confusion_csv(result: EvaluationResult) -> str:
     return buffer.getvalue()
 
 
+def _without_empty_other(confusion: np.ndarray, names: list[str]) -> tuple[np.ndarray, list]:
+    """Drop the OTHER row and column from the heatmap when nothing fell into them."""
+    if confusion[-1].any() or confusion[:, -1].any():
+        return confusion, names
+    return confusion[:-1, :-1], names[:-1]
+
+
 def _figures(result: EvaluationResult, metrics: Mapping) -> dict[str, bytes | None]:
     names = [c.name for c in result.mapping.gt] + ["OTHER"]
     per_class = metrics["per_class"]
     figures: dict[str, bytes | None] = {
         "iou": plots.iou_bars(list(per_class), [r["iou"] for r in per_class.values()]),
-        "confusion": plots.confusion_heatmap(result.confusion, names),
+        "confusion": plots.confusion_heatmap(*_without_empty_other(result.confusion, names)),
         "presence": None,
     }
     if result.presence is not None:
