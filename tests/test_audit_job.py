@@ -127,6 +127,8 @@ def test_missing_labels_bad_json_and_size_mismatch(tmp_path, capsys):
     assert "ground truth is 5x6 but the prediction is 6x6" in _one_line_error(capsys)
     assert _run(paths, "--category-map", str(tmp_path / "map.json")) == 2
     assert "category map not found" in _one_line_error(capsys)
+    assert _run(paths, "--storage-options", "{bad") == 2
+    assert "--storage-options is not valid JSON" in _one_line_error(capsys)
 
 
 def test_coco_ground_truth_with_mapping_file_and_coco_ap(tmp_path):
@@ -189,3 +191,22 @@ def test_image_suffix_matches_cityscapes_style_names(tmp_path):
     assert _run(paths, *common, "--image-suffix", "_leftImg8bit.png") == 0
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["num_images"] == 1 and metrics["mIoU"] == 100.0
+
+
+def test_audit_reads_and_writes_object_storage(tmp_path, s3_server, s3_bucket):
+    """Labels, mask ground truth and the report all on a real S3 server (SeaweedFS)."""
+    options = s3_server.storage_options
+    fs = s3_server.filesystem()
+    labels = f"s3://{s3_bucket}/out"
+    write_labels_output(labels, {"s0": [ok_row("a.jpg", np.ones((3, 4), np.int64), 3)]},
+                        CLASSES, storage_options=options)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ones((3, 4), np.uint8)).save(buffer, format="PNG")
+    fs.pipe(f"{s3_bucket}/gt/a.png", buffer.getvalue())
+    fs.pipe(f"{s3_bucket}/gt/classes.txt", b"background\ncat\ndog\n")
+    paths = {"labels": labels, "gt": f"s3://{s3_bucket}/gt",
+             "report": f"s3://{s3_bucket}/report"}
+    assert _run(paths, "--storage-options", json.dumps(options)) == 0
+    metrics = json.loads(fs.cat(f"{s3_bucket}/report/metrics.json"))
+    assert metrics["num_images"] == 1 and metrics["mIoU"] == 100.0
+    assert fs.size(f"{s3_bucket}/report/report.html") > 1000
