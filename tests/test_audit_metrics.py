@@ -199,3 +199,14 @@ def test_evaluator_state_does_not_grow_with_the_number_of_images():
     result = ev.result()
     assert result.num_images == 120 and result.confusion.sum() == 120 * 256
     assert result.presence_positives.tolist()[:3] == [120, 120, 120]
+
+
+def test_audit_and_benchmark_readers_do_not_import_torch_or_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, jobs.audit, pipeline.benchmarks; "
+            "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.strip() == "[]"
