@@ -144,7 +144,7 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
 
 
 def _engine_spec(args: argparse.Namespace, io: IOConfig) -> EngineSpec:
-    from cass_engine import DEFAULT_PRESET, CassConfig
+    from cass_engine.config import DEFAULT_PRESET, CassConfig
 
     config = CassConfig.from_preset(args.preset or DEFAULT_PRESET,
                                     **_given(vocabulary_path=args.vocab))

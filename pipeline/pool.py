@@ -107,13 +107,15 @@ class WorkerPool:
         self.generation[index] += 1
         self.replacements += 1
 
-    def peak_memory(self) -> list[int | None]:
+    def peak_memory(self, timeout_s: float = 10.0) -> list[int | None]:
+        """Peak resident memory of each live actor in bytes (None when unavailable)."""
         refs = [a.peak_memory_bytes.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         out = []
         for ref in refs:
             try:
-                out.append(ray.get(ref, timeout=30))
-            except (RayError, TimeoutError):
+                out.append(ray.get(ref) if ref in ready else None)
+            except RayError:
                 out.append(None)
         return out
 

@@ -42,6 +42,7 @@ class Progress:
     shards_failed: int = 0
     retries: int = 0
     truncated: int = 0
+    live_images: int = 0
     images: int = 0
     ok: int = 0
     annotations: int = 0
@@ -76,8 +77,13 @@ class Progress:
         return time.monotonic() - self.started
 
     @property
+    def images_seen(self) -> int:
+        """Images in finished shards plus those already labelled in running shards."""
+        return self.images + self.live_images
+
+    @property
     def images_per_s(self) -> float:
-        return self.images / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        return self.images_seen / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def eta_s(self) -> float | None:
         finished = self.shards_done + self.shards_failed
@@ -89,19 +95,24 @@ class Progress:
         eta = self.eta_s()
         return (f"[cass-label] shards {self.shards_done}/{self.total_shards}"
                 f" (skipped {self.skipped_shards}, failed {self.shards_failed},"
-                f" retries {self.retries}) | images {self.images}"
+                f" retries {self.retries}) | images {self.images_seen}"
                 f" | {self.images_per_s:.1f} img/s"
                 f" | errors {sum(self.errors.values())}"
                 f" | elapsed {_duration(self.elapsed_s)}"
                 f" | ETA {_duration(eta) if eta is not None else '?'}")
 
+    def due(self) -> bool:
+        """Whether the next progress line is due."""
+        return time.monotonic() - self._last >= self.interval_s
+
     def maybe_report(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self._last >= self.interval_s:
-            self._last = now
+        if force or self.due():
+            self._last = time.monotonic()
             self.emit(self.line())
 
     def totals(self) -> dict:
+        """Counts of finished shards only (images in unfinished shards were not written)."""
+        rate = self.images / self.elapsed_s if self.elapsed_s > 0 else 0.0
         return {
             "shards": self.total_shards + self.skipped_shards,
             "shards_labelled": self.shards_done, "shards_skipped": self.skipped_shards,
@@ -111,7 +122,7 @@ class Progress:
             "images_error": sum(self.errors.values()),
             "errors_by_status": dict(sorted(self.errors.items())),
             "annotations": self.annotations, "seconds": round(self.elapsed_s, 3),
-            "images_per_s": round(self.images_per_s, 3),
+            "images_per_s": round(rate, 3),
             "engine_seconds": round(self.engine_seconds, 3),
         }
 

@@ -58,18 +58,27 @@ def execute_plan(plan: JobPlan, emit: Callable[[str], None] = emit_stderr) -> Ru
     emit(f"[cass-label] {len(plan.shards)} shard(s) in {job.io.input_uri}: "
          f"{len(plan.todo)} to label, {len(plan.skipped)} already done")
     if not plan.todo:
-        return _finish(plan, progress, [], None, 0)
+        return _finish(plan, progress, [], _resources(None), 0)
     pool = _start_pool(plan, emit)
     progress.restart_clock()
     scheduler = Scheduler(pool, plan, progress)
     try:
-        failed = scheduler.run()
+        scheduler.run()
     except KeyboardInterrupt:
-        _finish(plan, progress, scheduler.failed, pool, scheduler.unscheduled, "interrupted")
+        _close(plan, progress, scheduler, pool, "interrupted")
         raise
-    finally:
+    except BaseException:
         pool.shutdown()
-    return _finish(plan, progress, failed, pool, scheduler.unscheduled)
+        raise
+    return _close(plan, progress, scheduler, pool)
+
+
+def _close(plan: JobPlan, progress: Progress, scheduler: Scheduler, pool: WorkerPool,
+           status: str | None = None) -> RunSummary:
+    """Measure the actors, stop them, and write the final run record."""
+    resources = _resources(pool)
+    pool.shutdown()
+    return _finish(plan, progress, scheduler.failed, resources, scheduler.unscheduled, status)
 
 
 def _start_pool(plan: JobPlan, emit: Callable[[str], None]) -> WorkerPool:
@@ -88,15 +97,16 @@ def _start_pool(plan: JobPlan, emit: Callable[[str], None]) -> WorkerPool:
     return pool
 
 
-def _finish(plan: JobPlan, progress: Progress, failed: list[dict], pool: WorkerPool | None,
+def _finish(plan: JobPlan, progress: Progress, failed: list[dict], resources: dict,
             unscheduled: int, status: str | None = None) -> RunSummary:
     limited = unscheduled or progress.truncated
     status = status or ("incomplete" if failed else "limited" if limited else "complete")
     record = plan.record
     record.update(status=status, ended_at=now_iso(), totals=progress.totals(),
                   failed_shards=failed, unscheduled_shards=unscheduled)
-    record["resources"] = _resources(pool)
+    record["resources"] = resources
     write_record(plan.out_fs, plan.out_root, record)
+    progress.live_images = 0
     progress.maybe_report(force=True)
     progress.emit(progress.summary(status, plan.job.io.output_uri))
     for shard in failed:
@@ -158,8 +168,20 @@ class Scheduler:
                                 timeout=min(self.interval, 5.0))
             for ref in ready:
                 self._collect(ref)
-            self.progress.maybe_report()
+            if self.progress.due():
+                self.progress.live_images = self._live_images()
+                self.progress.maybe_report()
         return self.failed
+
+    def _live_images(self) -> int:
+        """Images already labelled inside running shards (best effort, 1 s timeout)."""
+        busy = {run.slot for run in self.running.values()}
+        refs = [self.pool.actors[slot].live_images.remote() for slot in busy]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+        try:
+            return sum(ray.get(ready))
+        except RayError:
+            return 0
 
     @property
     def unscheduled(self) -> int:

@@ -79,6 +79,7 @@ class LabelWorker:
         self._out_fs, self._out_root = filesystem(spec.io.output_uri, spec.io.storage_options)
         self._run_metadata = dict(spec.run_metadata)
         self.engine_seconds = 0.0
+        self._live: dict[str, int] = {}
         if text_embeddings is not None:
             self.prepare(text_embeddings, run_metadata)
 
@@ -104,6 +105,10 @@ class LabelWorker:
             self._run_metadata = dict(run_metadata)
         return True
 
+    def live_images(self) -> int:
+        """Images labelled so far in the shards this worker is processing now."""
+        return sum(self._live.values())
+
     def peak_memory_bytes(self) -> int:
         """Peak resident memory of this process."""
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -126,7 +131,10 @@ class LabelWorker:
                                 self.spec.io.id_column)
         if max_images is not None:
             items = islice(items, max_images + 1)
-        rows = self.label_items(shard.shard_id, items)
+        try:
+            rows = self.label_items(shard.shard_id, items)
+        finally:
+            self._live.pop(shard.shard_id, None)
         truncated = max_images is not None and len(rows) > max_images
         rows = rows[:max_images] if truncated else rows
         extra = {"source_uri": shard.source_uri, "fingerprint": self.spec.fingerprint,
@@ -145,6 +153,7 @@ class LabelWorker:
         futures: list[Future] = []
         pending: deque[Future] = deque()
         for batch in _batched(decoded, compute.batch_size):
+            self._live[shard_id] = self._live.get(shard_id, 0) + len(batch)
             for future in self._label_batch(shard_id, batch):
                 futures.append(future)
                 pending.append(future)
@@ -240,7 +249,10 @@ def _ray_resources() -> tuple[list, float | None]:
         return [], None
     if not ray.is_initialized():
         return [], None
-    assigned = ray.get_runtime_context().get_assigned_resources()
+    try:
+        assigned = ray.get_runtime_context().get_assigned_resources()
+    except AssertionError:  # a driver, not a Ray worker: nothing assigned
+        return [], None
     return list(ray.get_gpu_ids()), assigned.get("CPU")
 
 
