@@ -30,7 +30,9 @@ def to_uint8_chw(image: object) -> torch.Tensor:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ImageInputError(
                 f"expected an [H, W, 3] uint8 RGB array, got shape {image.shape} {image.dtype}")
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        if not image.flags.writeable or not image.flags.c_contiguous:
+            image = np.array(image, copy=True, order="C")
+        tensor = torch.from_numpy(image).permute(2, 0, 1)
     elif isinstance(image, torch.Tensor):
         if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
             raise ImageInputError(
