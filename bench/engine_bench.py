@@ -1,0 +1,123 @@
+"""Engine throughput: seconds per image for a 336x448 photograph, engine only.
+
+    python bench/engine_bench.py --preset coco_stuff [--preset voc21] [--device cpu|cuda]
+        [--random-weights SEED | --clip-weights F --dino-weights F] [--batch-size B]
+        [--dtype float16|bfloat16|float32] [--repeats N] [--baseline]
+
+Text embeddings are computed (or read from the cache) before timing. ``--baseline`` also
+times the literal one-crop-at-a-time formulation in ``tests/reference_cass.py`` (the
+reference data path: batch size 1, whole image re-encoded per crop, N x N eigensolves) on the
+same machine in the same run and prints the speed ratio. The last line is
+``s_per_image=X images_per_s=Y peak_rss_gb=Z`` (plus ``peak_gpu_gb=W`` on CUDA) for the last
+preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from skimage import data
+
+from cass_engine import CassConfig, build_segmenter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def photo_336x448() -> np.ndarray:
+    """A real photograph at 336x448 (no resize needed for 336 presets)."""
+    coffee = data.coffee()  # 400x600
+    tensor = torch.from_numpy(coffee[25:385, 20:500].copy()).permute(2, 0, 1)[None].float()
+    out = torch.nn.functional.interpolate(tensor, size=(336, 448), mode="bilinear",
+                                          align_corners=False)
+    return out[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_engine(seg, image: np.ndarray, batch: int, repeats: int) -> float:
+    """Seconds per image over ``repeats`` batches of ``batch`` copies, after one warm-up."""
+    images = [image] * batch
+    seg.segment(images, return_logits=False, return_probs=False)
+    sync(seg.device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        seg.segment(images, return_logits=False, return_probs=False)
+    sync(seg.device)
+    return (time.perf_counter() - start) / (repeats * batch)
+
+
+def time_baseline(seg, image: np.ndarray) -> float:
+    """Seconds for one image through the literal reference formulation (CPU, fp32)."""
+    spec = importlib.util.spec_from_file_location("reference_cass",
+                                                  ROOT / "tests" / "reference_cass.py")
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    emb = seg.text_embeddings
+    chw = torch.from_numpy(image).permute(2, 0, 1)
+    clip, dino = seg.clip.float().cpu(), seg.dino.float().cpu()
+    start = time.perf_counter()
+    ref.reference_probs(clip, dino, seg.config, emb.queries, emb.groups(seg.config.h_threshold),
+                        emb.vocabulary.query_to_class, chw, tuple(chw.shape[-2:]))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", action="append", default=None,
+                   help="preset(s) to time (default: coco_stuff and voc21)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--random-weights", type=int, default=None, metavar="SEED")
+    p.add_argument("--clip-weights", default=None)
+    p.add_argument("--dino-weights", default=None)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--baseline", action="store_true",
+                   help="also time the literal reference formulation (slow)")
+    args = p.parse_args()
+    if args.random_weights is None and not (args.clip_weights and args.dino_weights):
+        args.random_weights = 0
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    image = photo_336x448()
+    line = ""
+    for preset in args.preset or ["coco_stuff", "voc21"]:
+        seg = build_segmenter(CassConfig.from_preset(preset), clip_weights=args.clip_weights,
+                              dino_weights=args.dino_weights, random_weights=args.random_weights,
+                              device=device, dtype=dtype)
+        seg.crop_batch_size = max(seg.crop_batch_size, 6 * args.batch_size)
+        t0 = time.perf_counter()
+        seg.set_vocabulary()
+        print(f"[{preset}] vocabulary: {seg.vocabulary.num_classes} classes, "
+              f"{seg.vocabulary.num_queries} queries, text setup {time.perf_counter() - t0:.1f}s")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        s = time_engine(seg, image, args.batch_size, args.repeats)
+        line = f"s_per_image={s:.4f} images_per_s={1 / s:.2f} peak_rss_gb={peak_rss_gb():.2f}"
+        if device.type == "cuda":
+            line += f" peak_gpu_gb={torch.cuda.max_memory_allocated(device) / 1024 ** 3:.2f}"
+        print(f"[{preset}] 336x448 batch={args.batch_size} dtype={seg.weights_info['dtype']} "
+              f"device={device}: {line}")
+        if args.baseline:
+            base = time_baseline(seg, image)
+            print(f"[{preset}] reference formulation: {base:.2f} s/image; engine is "
+                  f"{base / s:.1f}x faster")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
