@@ -13,8 +13,10 @@ their key normalisation is reproduced here and loaded strictly into the registry
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -118,7 +120,8 @@ def load_clip(
     import open_clip
 
     def build(pretrained: str | None = None, **kwargs: Any) -> torch.nn.Module:
-        return open_clip.create_model(CLIP_MODEL_NAME, pretrained=pretrained, **kwargs)
+        with _quiet_random_init_notice():
+            return open_clip.create_model(CLIP_MODEL_NAME, pretrained=pretrained, **kwargs)
 
     def from_hub(hub_cache: str | None) -> torch.nn.Module:  # open_clip's own cached download
         return build(CLIP_PRETRAINED_TAG, cache_dir=hub_cache)
@@ -478,3 +481,20 @@ def _sha256(path: str) -> str:
 def _first_line(error: BaseException, limit: int = 300) -> str:
     lines = str(error).strip().splitlines()
     return (lines[0] if lines else "")[:limit]
+
+
+class _RandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init_notice():
+    """Hide open_clip's "initialized randomly" notice: weights are loaded right after (or
+    random weights were asked for and are recorded as such)."""
+    notice = _RandomInitNotice()
+    logging.getLogger().addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notice)
