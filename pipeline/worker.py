@@ -80,6 +80,7 @@ class LabelWorker:
         self._run_metadata = dict(spec.run_metadata)
         self.engine_seconds = 0.0
         self._live: dict[str, int] = {}
+        self._live_lock = threading.Lock()
         if text_embeddings is not None:
             self.prepare(text_embeddings, run_metadata)
 
@@ -152,14 +153,20 @@ class LabelWorker:
                                compute.batch_size * compute.prefetch_batches)
         futures: list[Future] = []
         pending: deque[Future] = deque()
+        self._live[shard_id] = 0
         for batch in _batched(decoded, compute.batch_size):
-            self._live[shard_id] = self._live.get(shard_id, 0) + len(batch)
             for future in self._label_batch(shard_id, batch):
+                future.add_done_callback(lambda _, sid=shard_id: self._count_row(sid))
                 futures.append(future)
                 pending.append(future)
             while len(pending) > 2 * compute.batch_size:
                 pending.popleft().result()
         return [f.result() for f in futures]
+
+    def _count_row(self, shard_id: str) -> None:
+        with self._live_lock:
+            if shard_id in self._live:
+                self._live[shard_id] += 1
 
     def _load_and_decode(self, item: RawImage) -> Item:
         if item.error is not None:
