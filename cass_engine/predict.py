@@ -94,7 +94,8 @@ def _print_summary(result, names, weights_info, load_s, seg_s, out) -> None:
     fractions = result.pixel_fraction.numpy()
     top = np.argsort(-fractions)[:5]
     listing = ", ".join(f"{names[i]} {fractions[i]:.0%}" for i in top if fractions[i] > 0)
-    print(f"segmented {tuple(result.labels.shape)} in {seg_s:.1f}s (setup {load_s:.1f}s): {listing}")
+    shape = tuple(result.labels.shape)
+    print(f"segmented {shape} in {seg_s:.1f}s (setup {load_s:.1f}s): {listing}")
     if weights_info.get("random_weights") is not None:
         print(f"note: random weights (seed {weights_info['random_weights']}): outputs are "
               "meaningless, for smoke tests only")

@@ -10,11 +10,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_fixtures import photo_336x448
 
 from cass_engine import CassConfig, build_segmenter, parse_vocabulary
-from cass_engine.decision import (Stitcher, adjusted_patch_logits, class_ranges, finalize,
-                                  group_membership, resize_matrix)
-from engine_fixtures import photo_336x448
+from cass_engine.decision import (
+    Stitcher,
+    adjusted_patch_logits,
+    class_ranges,
+    finalize,
+    group_membership,
+    resize_matrix,
+)
 
 
 def test_adjusted_logits_match_per_group_loops():

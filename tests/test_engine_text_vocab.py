@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from engine_fixtures import random_backbones  # noqa: F401
 from open_clip import get_tokenizer
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from scipy.cluster.hierarchy import fcluster, linkage
@@ -12,9 +13,9 @@ from scipy.spatial.distance import pdist
 
 from cass_engine import PRESETS, CassConfig, VocabularyError, load_vocabulary, parse_vocabulary
 from cass_engine.text import compute_text_embeddings, embed_queries, encode_prompts, ward_groups
-from engine_fixtures import random_backbones  # noqa: F401
 
-SPEC_TABLE = {  # preset: short side, slide, gamma, alpha, h_threshold, prob_thd, eigenscaling, prior
+# preset: short side, slide, gamma, alpha, h_threshold, prob_thd, eigenscaling, prior
+SPEC_TABLE = {
     "voc21": (336, None, 0.10, 0.03, 0.10, 0.1, True, "image"),
     "context60": (336, 224, 0.25, 0.04, 0.09, 0.1, True, "image"),
     "coco_object": (336, 224, 0.25, 0.01, 0.10, 0.1, True, "image"),
