@@ -9,6 +9,7 @@ dead one) receives them through the object store.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,8 +126,21 @@ class WorkerPool:
 
 
 def error_reason(exc: BaseException, limit: int = 500) -> str:
-    """One-line reason of a Ray error: the task's own exception when there is one."""
+    """One-line reason of a Ray error: the task's own exception when there is one.
+
+    ``RayTaskError`` carries it as ``cause``; an actor that died in its constructor only has
+    the remote traceback in its message, whose last ``SomeError: ...`` line is the reason.
+    """
     cause = getattr(exc, "cause", None)
-    base = cause if isinstance(cause, BaseException) else exc
-    lines = [line for line in str(base).strip().splitlines() if line.strip()]
-    return f"{type(base).__name__}: {lines[0] if lines else ''}"[:limit]
+    if isinstance(cause, BaseException):
+        lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+        return f"{type(cause).__name__}: {lines[0] if lines else ''}"[:limit]
+    lines = [_ANSI.sub("", line).strip() for line in str(exc).splitlines() if line.strip()]
+    raised = [line for line in lines if _RAISED.match(line)]
+    if raised:
+        return raised[-1][:limit]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:limit]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*:")

@@ -19,7 +19,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from .plan import JobConfig, JobPlan, plan_job
+from .plan import JobConfig, JobPlan, StartupError, plan_job
 from .pool import WorkerPool, actor_resources, error_reason
 from .progress import Progress, emit_stderr
 from .record import now_iso, write_record
@@ -59,7 +59,12 @@ def execute_plan(plan: JobPlan, emit: Callable[[str], None] = emit_stderr) -> Ru
          f"{len(plan.todo)} to label, {len(plan.skipped)} already done")
     if not plan.todo:
         return _finish(plan, progress, [], _resources(None), 0)
-    pool = _start_pool(plan, emit)
+    try:
+        pool = _start_pool(plan, emit)
+    except StartupError as exc:
+        plan.record.update(status="failed", error=str(exc), ended_at=now_iso())
+        write_record(plan.out_fs, plan.out_root, plan.record)
+        raise
     progress.restart_clock()
     scheduler = Scheduler(pool, plan, progress)
     try:

@@ -252,3 +252,20 @@ def test_cli_fails_fast_and_refuses_mixing(ray_cpus, s3_server, tmp_path, vocab_
     assert label_job.main(again + ["--overwrite"]) == 0
     rows = _rows(f"s3://{bucket}/out", s3_server)
     assert len(rows) == 1 and len(rows[0]["presence"]) == 3
+
+
+def test_engine_that_cannot_start_fails_the_run_with_a_clear_message(ray_cpus, tmp_path,
+                                                                      vocab_file):
+    from pipeline.plan import StartupError
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(encode(photo("coins", 32)))
+    config = CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab_file))
+    engine = EngineSpec(config, clip_weights=str(tmp_path / "missing-clip.pt"),
+                        dino_weights=str(tmp_path / "missing-dino.pth"))
+    job = JobConfig(IOConfig(str(tmp_path / "in"), str(tmp_path / "out")), ComputeConfig(),
+                    engine)
+    with pytest.raises(StartupError, match="engine failed to start.*missing-clip"):
+        run_job(job, emit=lambda _: None)
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["status"] == "failed" and "missing-clip" in record["error"]
