@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -263,3 +264,18 @@ def edge_case_images() -> dict[str, tuple[bytes, str]]:
         "text.png": (b"this is not an image at all", "decode_error"),
         "bomb.png": (png_with_declared_size(30000, 30000), "too_large"),
     }
+
+
+def tar_bytes(members: dict[str, bytes], symlink: str | None = None) -> bytes:
+    """A WebDataset-style tar archive in memory; ``symlink`` adds a link member to /etc/passwd."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        if symlink:
+            info = tarfile.TarInfo(symlink)
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            archive.addfile(info)
+    return buffer.getvalue()

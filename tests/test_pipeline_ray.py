@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import edge_case_images, encode, photo, photos, write_vocabulary
+from conftest import edge_case_images, encode, photo, photos, tar_bytes, write_vocabulary
 from pycocotools.coco import COCO
 
 from cass_engine import CassConfig
@@ -30,16 +28,6 @@ from schemas.io import completed_shards, iter_label_rows, read_label_table, read
 NUM_CLASSES = 5
 
 
-def _tar(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 def _upload_webdataset(fs, prefix: str, num_shards: int, per_shard: int) -> dict[str, bytes]:
     """Tar shards of PNG photos (+ json side members); returns ``{image_id: bytes}``."""
     images = iter(photos(num_shards * per_shard, max_side=64))
@@ -51,7 +39,7 @@ def _upload_webdataset(fs, prefix: str, num_shards: int, per_shard: int) -> dict
             members[f"{s:02d}{i:03d}.png"] = data
             members[f"{s:02d}{i:03d}.json"] = b'{"caption": "x"}'
             expected[f"shard-{s:02d}/{s:02d}{i:03d}"] = data
-        fs.pipe_file(f"{prefix}/shard-{s:02d}.tar", _tar(members))
+        fs.pipe_file(f"{prefix}/shard-{s:02d}.tar", tar_bytes(members))
     return expected
 
 
@@ -204,12 +192,12 @@ def test_bad_inputs_are_error_rows_and_a_poison_shard_is_reported(ray_cpus, s3_s
     bucket = s3_server.new_bucket()
     fs = s3_server.filesystem()
     cases = edge_case_images()
-    fs.pipe_file(f"{bucket}/in/a-bad-images.tar", _tar({k: v for k, (v, _) in cases.items()}))
-    good = _tar({"g0.png": encode(photo("coffee", 40)), "g1.png": encode(photo("coins", 40))})
+    fs.pipe_file(f"{bucket}/in/a-bad-images.tar", tar_bytes({k: v for k, (v, _) in cases.items()}))
+    good = tar_bytes({"g0.png": encode(photo("coffee", 40)), "g1.png": encode(photo("coins", 40))})
     fs.pipe_file(f"{bucket}/in/b-truncated.tar", good[: len(good) // 2 + 100])
     fs.pipe_file(f"{bucket}/in/c-not-a-tar.tar", b"definitely not a tar archive" * 50)
     poison = np.zeros((77, 40, 3), dtype=np.uint8)
-    fs.pipe_file(f"{bucket}/in/d-poison.tar", _tar({"p.png": encode(poison)}))
+    fs.pipe_file(f"{bucket}/in/d-poison.tar", tar_bytes({"p.png": encode(poison)}))
     output = f"s3://{bucket}/out"
     job = _job(f"s3://{bucket}/in", output, vocab_file, s3_server,
                StubOptions(die_on_height=77), actors=2, max_attempts=2)

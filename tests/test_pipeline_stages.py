@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import edge_case_images, encode, photo, photos, write_vocabulary
+from conftest import edge_case_images, encode, photo, photos, tar_bytes, write_vocabulary
 from PIL import Image
 
 from cass_engine import CassConfig
@@ -99,7 +97,7 @@ def test_image_files_grouped_in_stable_sorted_shards(tmp_path):
 def test_listing_formats_globs_and_errors(tmp_path):
     (tmp_path / "tars").mkdir()
     for name in ("s-1.tar", "s-0.tar"):
-        (tmp_path / "tars" / name).write_bytes(_tar_bytes({"k.png": encode(photo("coins"))}))
+        (tmp_path / "tars" / name).write_bytes(tar_bytes({"k.png": encode(photo("coins"))}))
     shards = list_shards(IOConfig(str(tmp_path / "tars"), str(tmp_path / "out")))
     assert [(s.shard_id, s.kind) for s in shards] == [("s-0", "webdataset"),
                                                       ("s-1", "webdataset")]
@@ -124,26 +122,12 @@ def test_shard_ids_are_safe_and_unique():
 
 
 # ---------------------------------------------------------------------- readers
-def _tar_bytes(members: dict[str, bytes], symlink: str | None = None) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-        if symlink:
-            info = tarfile.TarInfo(symlink)
-            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
-            archive.addfile(info)
-    return buffer.getvalue()
-
-
 def test_tar_member_names_never_become_paths(tmp_path, monkeypatch):
     png = encode(photo("coins", 32))
     members = {"../../evil.png": png, "/abs/x.png": png, "dir/ok.jpg": png,
                "dir/ok.json": b"{}"}
     shard_file = tmp_path / "shard.tar"
-    shard_file.write_bytes(_tar_bytes(members, symlink="link.png"))
+    shard_file.write_bytes(tar_bytes(members, symlink="link.png"))
     work = tmp_path / "cwd" / "a" / "b"
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
@@ -158,7 +142,7 @@ def test_tar_member_names_never_become_paths(tmp_path, monkeypatch):
 
 
 def test_damaged_archives_yield_an_error_item(tmp_path):
-    good = _tar_bytes({f"{i}.png": encode(photo("coins", 32)) for i in range(3)})
+    good = tar_bytes({f"{i}.png": encode(photo("coins", 32)) for i in range(3)})
     (tmp_path / "cut.tar").write_bytes(good[: len(good) // 2])
     (tmp_path / "junk.tar").write_bytes(b"not a tar file" * 100)
     fs, _ = storage.filesystem(str(tmp_path))
@@ -223,7 +207,7 @@ def test_worker_labels_a_shard_exactly_and_writes_record_last(tmp_path, vocab_fi
                                                               monkeypatch):
     cases = edge_case_images()
     (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "s.tar").write_bytes(_tar_bytes({k: v for k, (v, _) in cases.items()}))
+    (tmp_path / "in" / "s.tar").write_bytes(tar_bytes({k: v for k, (v, _) in cases.items()}))
     writes = []
     original = storage.put_bytes
     monkeypatch.setattr("pipeline.writer.put_bytes",
