@@ -144,6 +144,19 @@ def test_import_loads_no_pipeline_dependencies():
     assert out.stdout.strip() == "[]"
 
 
+def test_public_names_resolve_lazily():
+    import cass_engine
+    from cass_engine import segmenter, vocabulary
+    for name in cass_engine.__all__:
+        assert getattr(cass_engine, name) is not None, name
+    assert cass_engine.build_segmenter is segmenter.build_segmenter
+    assert cass_engine.Vocabulary is vocabulary.Vocabulary
+    assert set(cass_engine.__all__) == set(cass_engine._EXPORTS) | {"__version__"}
+    assert set(cass_engine.__all__) <= set(dir(cass_engine))
+    with pytest.raises(AttributeError, match="no attribute 'Segmenter'"):
+        cass_engine.Segmenter  # noqa: B018
+
+
 @pytest.mark.slow
 def test_predict_cli_writes_arrays_and_overlay(tmp_path):
     from PIL import Image
