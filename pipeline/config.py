@@ -104,6 +104,9 @@ class ComputeConfig:
         prefetch_batches: decoded batches queued ahead of the engine, per shard.
         max_attempts: attempts per shard before it is reported as failed.
         progress_interval_s: seconds between progress lines.
+        stall_timeout_s: a shard in which no image has finished for this many seconds is
+            declared stalled: its worker is killed and replaced, and the shard retried
+            (counts as an attempt). None disables the watchdog.
     """
 
     actors: int | None = None
@@ -115,6 +118,7 @@ class ComputeConfig:
     prefetch_batches: int = 2
     max_attempts: int = 3
     progress_interval_s: float = 10.0
+    stall_timeout_s: float | None = 900.0
 
     def __post_init__(self) -> None:
         _check(self.actors is None or self.actors >= 1, "actors must be >= 1")
@@ -127,6 +131,8 @@ class ComputeConfig:
         _check(self.prefetch_batches >= 1, "prefetch_batches must be >= 1")
         _check(self.max_attempts >= 1, "max_attempts must be >= 1")
         _check(self.progress_interval_s > 0, "progress_interval_s must be > 0")
+        _check(self.stall_timeout_s is None or self.stall_timeout_s > 0,
+               "stall_timeout_s must be > 0 (or None to disable)")
 
 
 class ConfigError(ValueError):

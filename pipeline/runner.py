@@ -5,12 +5,18 @@ with ``ray.wait``. A shard whose actor died, or whose task raised, is retried up
 ``max_attempts`` times; a retried shard runs alone on an idle actor, so a second death is
 attributed to it alone. Dead actors are replaced. Shards that keep failing are listed in
 ``run.json`` and the run ends ``incomplete`` (exit code 3). ``ray.init`` is the caller's job.
+
+A watchdog polls the workers' shard heartbeats; a shard in which nothing has finished for
+``stall_timeout_s`` (a hung accelerator call, a storage read that never returns, a worker
+that stopped answering) costs its worker: the worker is killed and replaced, the stalled
+shard is retried (one attempt used) and the worker's other shards are requeued at no cost.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import resource
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +35,9 @@ from .worker import WorkerSpec
 EXIT_OK = 0
 EXIT_INCOMPLETE = 3
 EXIT_INTERRUPTED = 130
+#: Extra time a worker that has not answered once since a shard was sent to it (still
+#: starting: importing, staging and loading weights) gets before the shard counts as stalled.
+STARTUP_GRACE_S = 600.0
 
 
 @dataclass
@@ -143,6 +152,9 @@ class _Running:
     generation: int
     task: _Task
     cap: int | None
+    launched_at: float = field(default_factory=time.monotonic)
+    beat: int = -1
+    beat_at: float | None = None  # last heartbeat change seen; None until the worker answers
 
 
 class Scheduler:
@@ -162,6 +174,9 @@ class Scheduler:
         limited = plan.job.io.limit is not None and plan.todo and plan.todo[0].kind != "images"
         self.budget = plan.job.io.limit if limited else None
         self.interval = compute.progress_interval_s
+        self.stall_timeout = compute.stall_timeout_s
+        self.poll_every = min(self.interval, 10.0, (self.stall_timeout or 60.0) / 4)
+        self._polled_at = time.monotonic()
 
     def run(self) -> list[dict]:
         """Label every shard; returns the failed shards with their reasons."""
@@ -170,23 +185,75 @@ class Scheduler:
             if not self.running:
                 break
             ready, _ = ray.wait(list(self.running), num_returns=1,
-                                timeout=min(self.interval, 5.0))
+                                timeout=min(self.poll_every, 5.0))
             for ref in ready:
                 self._collect(ref)
+            if time.monotonic() - self._polled_at >= self.poll_every:
+                self._poll()
             if self.progress.due():
-                self.progress.live_images = self._live_images()
                 self.progress.maybe_report()
         return self.failed
 
-    def _live_images(self) -> int:
-        """Images already labelled inside running shards (best effort, 1 s timeout)."""
-        busy = {run.slot for run in self.running.values()}
-        refs = [self.pool.actors[slot].live_images.remote() for slot in busy]
+    def _poll(self) -> None:
+        """Ask busy workers for live image counts and heartbeats (best effort, 1 s timeout);
+        then restart the workers of stalled shards."""
+        self._polled_at = time.monotonic()
+        busy = sorted({run.slot for run in self.running.values()})
+        calls = {slot: (self.pool.actors[slot].live_images.remote(),
+                        self.pool.actors[slot].heartbeats.remote()) for slot in busy}
+        refs = [ref for pair in calls.values() for ref in pair]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
-        try:
-            return sum(ray.get(ready))
-        except RayError:
-            return 0
+        done, live = set(ready), 0
+        now = time.monotonic()
+        for slot, (live_ref, beats_ref) in calls.items():
+            if live_ref not in done or beats_ref not in done:
+                continue
+            try:
+                live += ray.get(live_ref)
+                beats = ray.get(beats_ref)
+            except RayError:
+                continue
+            for run in self.running.values():
+                if run.slot != slot:
+                    continue
+                beat = beats.get(run.task.shard.shard_id)
+                if beat is not None and beat != run.beat:
+                    run.beat, run.beat_at = beat, now
+                elif run.beat_at is None:  # the worker is up: the shard's clock starts
+                    run.beat_at = now
+        self.progress.live_images = live
+        if self.stall_timeout is None:
+            return
+        stalled = {run.slot for run in self.running.values() if self._idle(run, now) > 0}
+        for slot in sorted(stalled):
+            self._restart_stalled(slot, now)
+
+    def _idle(self, run: _Running, now: float) -> float:
+        """Seconds a running shard is past its stall deadline (<= 0: not stalled)."""
+        if run.beat_at is None:
+            return now - run.launched_at - self.stall_timeout - STARTUP_GRACE_S
+        return now - run.beat_at - self.stall_timeout
+
+    def _restart_stalled(self, slot: int, now: float) -> None:
+        """Kill and replace a worker with a stalled shard; retry or requeue its shards."""
+        refs = [ref for ref, run in self.running.items() if run.slot == slot]
+        for ref in refs:
+            run = self.running.pop(ref)
+            self.load[slot] -= 1
+            if self._idle(run, now) > 0:
+                idle = now - (run.beat_at or run.launched_at)
+                self._retry(run, f"stalled: nothing finished for {idle:.0f} s "
+                                 f"(--stall-timeout {self.stall_timeout:g}); worker restarted")
+            else:
+                if run.cap is not None:
+                    self.budget += run.cap
+                self.fresh.appendleft(run.task)
+        self.solo.discard(slot)
+        if self.pool.replacements >= self.max_replacements:
+            self._abandon("too many worker restarts")  # nothing is left to schedule
+            ray.kill(self.pool.actors[slot], no_restart=True)
+            return
+        self.pool.replace(slot)
 
     @property
     def unscheduled(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class StubOptions:
         die_on_height: kill the worker process for images of this height (every time).
         die_after_images: kill the worker process after this many images, once per run
             (a marker file in ``marker_dir`` records that it happened).
+        hang_on_height: block forever (a hung accelerator call) on images of this height.
         marker_dir: directory for the ``die_after_images`` marker.
     """
 
@@ -36,6 +38,7 @@ class StubOptions:
     fail_on_height: int | None = None
     die_on_height: int | None = None
     die_after_images: int | None = None
+    hang_on_height: int | None = None
     marker_dir: str | None = None
 
     def to_dict(self) -> dict:
@@ -109,6 +112,8 @@ class StubSegmenter:
             time.sleep(opts.seconds_per_image)
         if opts.die_on_height is not None and image.shape[0] == opts.die_on_height:
             _die()
+        if opts.hang_on_height is not None and image.shape[0] == opts.hang_on_height:
+            threading.Event().wait()
         if opts.fail_on_height is not None and image.shape[0] == opts.fail_on_height:
             raise RuntimeError(f"stub engine failure on an image of height {image.shape[0]}")
         if opts.die_after_images is not None and self._images_seen > opts.die_after_images:

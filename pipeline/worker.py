@@ -80,6 +80,7 @@ class LabelWorker:
         self._run_metadata = dict(spec.run_metadata)
         self.engine_seconds = 0.0
         self._live: dict[str, int] = {}
+        self._beats: dict[str, int] = {}
         self._live_lock = threading.Lock()
         if text_embeddings is not None:
             self.prepare(text_embeddings, run_metadata)
@@ -110,6 +111,13 @@ class LabelWorker:
         """Images labelled so far in the shards this worker is processing now."""
         return sum(self._live.values())
 
+    def heartbeats(self) -> dict[str, int]:
+        """``{shard_id: counter}`` of the shards in progress; a counter moves whenever the
+        shard makes progress (started, an image finished, writing started), so a driver
+        that sees it stand still knows the shard is stuck."""
+        with self._live_lock:
+            return dict(self._beats)
+
     def peak_memory_bytes(self) -> int:
         """Peak resident memory of this process."""
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -128,21 +136,26 @@ class LabelWorker:
         """
         started = time.monotonic()
         engine_before = self.engine_seconds
+        self._beat(shard.shard_id)
         items = iter_raw_images(shard, self._in_fs, self.spec.io.image_column,
                                 self.spec.io.id_column)
         if max_images is not None:
             items = islice(items, max_images + 1)
         try:
             rows = self.label_items(shard.shard_id, items)
-        finally:
             self._live.pop(shard.shard_id, None)
-        truncated = max_images is not None and len(rows) > max_images
-        rows = rows[:max_images] if truncated else rows
-        extra = {"source_uri": shard.source_uri, "fingerprint": self.spec.fingerprint,
-                 "input_fingerprint": shard.fingerprint, "truncated": truncated,
-                 "worker": {"pid": os.getpid(), "device": self.device}}
-        record = write_shard(self._out_fs, self._out_root, shard.shard_id, rows,
-                             self._run_metadata, extra)
+            self._beat(shard.shard_id)
+            truncated = max_images is not None and len(rows) > max_images
+            rows = rows[:max_images] if truncated else rows
+            extra = {"source_uri": shard.source_uri, "fingerprint": self.spec.fingerprint,
+                     "input_fingerprint": shard.fingerprint, "truncated": truncated,
+                     "worker": {"pid": os.getpid(), "device": self.device}}
+            record = write_shard(self._out_fs, self._out_root, shard.shard_id, rows,
+                                 self._run_metadata, extra)
+        finally:
+            with self._live_lock:
+                self._live.pop(shard.shard_id, None)
+                self._beats.pop(shard.shard_id, None)
         return {**record, "seconds": time.monotonic() - started,
                 "engine_seconds": self.engine_seconds - engine_before}
 
@@ -167,6 +180,12 @@ class LabelWorker:
         with self._live_lock:
             if shard_id in self._live:
                 self._live[shard_id] += 1
+            if shard_id in self._beats:
+                self._beats[shard_id] += 1
+
+    def _beat(self, shard_id: str) -> None:
+        with self._live_lock:
+            self._beats[shard_id] = self._beats.get(shard_id, 0) + 1
 
     def _load_and_decode(self, item: RawImage) -> Item:
         if item.error is not None:

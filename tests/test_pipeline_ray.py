@@ -187,6 +187,44 @@ def test_killed_actor_mid_run_is_replaced_and_its_shards_retried(ray_cpus, tmp_p
     assert len(rows) == 12
 
 
+def test_stalled_shard_restarts_its_worker_and_is_reported(ray_cpus, tmp_path, vocab_file):
+    (tmp_path / "in").mkdir()
+    images = {}
+    for i, array in enumerate(photos(12, 40)):
+        if i == 4:  # the stub engine blocks forever on this image, like a hung GPU call
+            array = np.full((66, 40, 3), 128, dtype=np.uint8)
+        images[f"im{i:02d}.png"] = encode(array)
+        (tmp_path / "in" / f"im{i:02d}.png").write_bytes(images[f"im{i:02d}.png"])
+    job = _job(str(tmp_path / "in"), str(tmp_path / "out"), vocab_file,
+               stub=StubOptions(hang_on_height=66), io_options={"images_per_shard": 3},
+               actors=2, max_attempts=2, stall_timeout_s=3.0)
+    summary = run_job(job, emit=lambda _: None)
+    assert summary.status == "incomplete" and summary.exit_code == 3
+    failed = summary.record["failed_shards"]
+    assert len(failed) == 1 and failed[0]["attempts"] == 2
+    assert all(reason.startswith("stalled: nothing finished for")
+               for reason in failed[0]["reasons"]), failed[0]["reasons"]
+    assert summary.record["resources"]["worker_replacements"] >= 2
+    rows = _rows(str(tmp_path / "out"))
+    assert sorted(r["key"] for r in rows) == sorted(set(images) - {"im03.png", "im04.png",
+                                                                   "im05.png"})
+    _assert_labels_equal_stub(rows, {r["image_id"]: images[r["key"]] for r in rows})
+    assert len(completed_shards(str(tmp_path / "out"))) == 3
+
+
+def test_slow_shard_that_keeps_finishing_images_is_not_stalled(ray_cpus, tmp_path, vocab_file):
+    (tmp_path / "in").mkdir()
+    for i, array in enumerate(photos(12, 40)):
+        (tmp_path / "in" / f"im{i:02d}.png").write_bytes(encode(array))
+    job = _job(str(tmp_path / "in"), str(tmp_path / "out"), vocab_file,
+               stub=StubOptions(seconds_per_image=0.4), actors=1, stall_timeout_s=2.0)
+    summary = run_job(job, emit=lambda _: None)  # one shard of 12 images: ~5 s > 2 s
+    assert summary.status == "complete", summary.record["failed_shards"]
+    assert summary.record["totals"]["retries"] == 0
+    assert summary.record["resources"]["worker_replacements"] == 0
+    assert len(_rows(str(tmp_path / "out"))) == 12
+
+
 def test_bad_inputs_are_error_rows_and_a_poison_shard_is_reported(ray_cpus, s3_server,
                                                                   vocab_file):
     bucket = s3_server.new_bucket()

@@ -335,6 +335,12 @@ def test_cli_flags_only_override_dataclass_defaults(vocab_file):
                    "--gpus-per-actor", "--batch-size", "--max-image-pixels", "--preset"):
         assert option in help_text
     assert f"(default: {IOConfig('i', 'o').images_per_shard})" in help_text
+    assert f"(default: {ComputeConfig().stall_timeout_s:g})" in help_text
+    stall = lambda value: job_from_args(  # noqa: E731
+        build_parser().parse_args(base + ["--stall-timeout", value])).compute.stall_timeout_s
+    assert stall("30") == 30.0 and stall("0") is None
+    with pytest.raises(ConfigError, match="stall-timeout"):
+        stall("-1")
 
 
 def test_import_rules():
