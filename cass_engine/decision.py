@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-BAND_ELEMENTS = 1 << 25  # queries x rows x width per band when full tensors are not kept
+BAND_ELEMENTS = 1 << 23  # queries x rows x width per band when full tensors are not kept
 
 
 def group_membership(groups: torch.Tensor) -> torch.Tensor:
@@ -122,15 +122,23 @@ def finalize(logits_small: torch.Tensor, out_hw: tuple[int, int], ranges: list[t
         keep_full: also return ``logits [Q, H, W]`` and ``probs [C, H, W]``.
     """
     q, h, w = logits_small.shape
+    height, width = out_hw
     device = logits_small.device
-    rows_m, cols_m = resize_matrix(out_hw[0], h, device), resize_matrix(out_hw[1], w, device)
-    wide = logits_small @ cols_m.T  # [Q, h, W]
-    band = out_hw[0] if keep_full else max(1, BAND_ELEMENTS // max(1, q * out_hw[1]))
+    # Separable bilinear resize: columns once, rows band by band. A side that already has
+    # the output size is left alone (the resampling matrix would be the identity).
+    wide = logits_small if w == width else logits_small @ resize_matrix(width, w, device).T
+    rows_m = None if h == height else resize_matrix(height, h, device)
+    if rows_m is not None:  # [h, Q * W], laid out once so that every band is one matmul
+        wide = wide.permute(1, 0, 2).reshape(h, q * width)
+    band = height if keep_full else max(1, BAND_ELEMENTS // max(1, q * width))
     labels = torch.empty(out_hw, dtype=torch.long, device=device)
     score_sum = torch.zeros(len(ranges), dtype=torch.float64, device=device)
     full_logits, full_probs = [], []
-    for y0 in range(0, out_hw[0], band):
-        part = torch.einsum("yh,qhw->qyw", rows_m[y0:y0 + band], wide)
+    for y0 in range(0, height, band):
+        if rows_m is None:
+            part = wide[:, y0:y0 + band]
+        else:
+            part = (rows_m[y0:y0 + band] @ wide).reshape(-1, q, width).permute(1, 0, 2)
         probs = max_over_synonyms(torch.softmax(part * logit_scale, dim=0), ranges)
         best_prob, best = probs.max(0)
         best[best_prob < prob_thd] = 0

@@ -76,17 +76,17 @@ def test_finalize_synonym_max_threshold_and_scores():
     assert d.mask_scores[2] == 0
 
 
-def test_finalize_banded_equals_full():
+@pytest.mark.parametrize("out_hw", [(40, 50), (13, 50), (40, 17), (13, 17)])
+def test_finalize_resizes_bilinearly_and_banded_equals_full(out_hw, monkeypatch):
     logits = torch.randn(5, 13, 17)
     ranges = class_ranges([0, 1, 1, 2, 3])
-    full = finalize(logits, (40, 50), ranges, 40.0, 0.0, keep_full=True)
+    full = finalize(logits, out_hw, ranges, 40.0, 0.0, keep_full=True)
+    expected = torch.nn.functional.interpolate(logits[None], size=out_hw, mode="bilinear",
+                                               align_corners=False)[0]
+    torch.testing.assert_close(full.logits, expected, rtol=1e-5, atol=1e-5)
     import cass_engine.decision as decision
-    old = decision.BAND_ELEMENTS
-    decision.BAND_ELEMENTS = 5 * 50 * 3  # three rows per band
-    try:
-        banded = finalize(logits, (40, 50), ranges, 40.0, 0.0, keep_full=False)
-    finally:
-        decision.BAND_ELEMENTS = old
+    monkeypatch.setattr(decision, "BAND_ELEMENTS", 5 * out_hw[1] * 3)  # three rows per band
+    banded = finalize(logits, out_hw, ranges, 40.0, 0.0, keep_full=False)
     assert torch.equal(full.labels, banded.labels)
     assert torch.allclose(full.mask_scores, banded.mask_scores)
 
