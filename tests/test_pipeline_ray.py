@@ -98,6 +98,29 @@ def test_end_to_end_s3_webdataset_to_s3_with_coco_export(ray_cpus, s3_server, vo
     _check_coco_export(output, s3_server, tmp_path / "coco.json", rows)
 
 
+def test_gcs_image_prefix_to_gcs_then_rerun_skips_everything(ray_cpus, gcs_server, vocab_file,
+                                                            tmp_path):
+    bucket = gcs_server.new_bucket()
+    fs = gcs_server.filesystem()
+    images = {}
+    for i, array in enumerate(photos(5, 48)):
+        images[f"im{i}.jpg" if i % 2 else f"im{i}.png"] = encode(array)
+    for name, data in images.items():
+        fs.pipe_file(f"{bucket}/photos/{name}", data)
+    output = f"gs://{bucket}/labels"
+    job = _job(f"gs://{bucket}/photos", output, vocab_file, gcs_server,
+               io_options={"images_per_shard": 2})
+    summary = run_job(job, emit=lambda _: None)
+    assert summary.status == "complete" and summary.record["totals"]["images"] == 5
+    rows = _rows(output, gcs_server)
+    assert all(row["source_uri"].startswith(f"gs://{bucket}/photos/") for row in rows)
+    _assert_labels_equal_stub(rows, {r["image_id"]: images[r["key"]] for r in rows})
+    assert len(completed_shards(output, gcs_server.storage_options)) == 3
+    again = run_job(job, emit=lambda _: None)
+    assert again.status == "complete" and again.record["totals"]["shards_skipped"] == 3
+    _check_coco_export(output, gcs_server, tmp_path / "coco.json", rows)
+
+
 def _check_coco_export(output: str, server, path: Path, rows: list[dict]) -> None:
     assert export_coco.main(["--labels", output, "--out", str(path), "--storage-options",
                              json.dumps(server.storage_options)]) == 0

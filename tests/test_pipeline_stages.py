@@ -280,6 +280,20 @@ def test_plan_fails_fast_with_clear_messages(tmp_path, vocab_file):
     assert not (tmp_path / "out").exists()
 
 
+def test_storage_backend_not_installed_is_a_clear_startup_error(tmp_path, vocab_file,
+                                                                monkeypatch):
+    from fsspec.registry import known_implementations
+
+    monkeypatch.setitem(known_implementations, "nosuchfs",
+                        {"class": "nosuchfs_backend.FileSystem",
+                         "err": "Install nosuchfs-backend to access nosuchfs://"})
+    job = JobConfig(IOConfig("nosuchfs://bucket/in", str(tmp_path / "out")), ComputeConfig(),
+                    _job(tmp_path, vocab_file).engine)
+    with pytest.raises(StartupError, match=r"list the input nosuchfs://bucket/in: .*"
+                                           r"Install nosuchfs-backend"):
+        plan_job(job)
+
+
 def test_plan_refuses_to_mix_vocabularies_unless_overwrite(tmp_path, vocab_file):
     _write_images(tmp_path / "in", ["a.png"])
     plan = plan_job(_job(tmp_path, vocab_file))
