@@ -357,6 +357,22 @@ def test_cli_flags_only_override_dataclass_defaults(vocab_file):
         stall("-1")
 
 
+def test_job_logs_library_errors_as_one_line():
+    import logging
+
+    from jobs.label import _OneLineFormatter
+
+    try:
+        raise ConnectionResetError("peer reset\nsecond line")
+    except ConnectionResetError:
+        record = logging.LogRecord("gcsfs", logging.ERROR, __file__, 1, "out of retries: %s",
+                                   ("x",), exc_info=sys.exc_info())
+    text = _OneLineFormatter().format(record)
+    assert "\n" not in text and "Traceback" not in text
+    assert text == ("[gcsfs] error: out of retries: x (ConnectionResetError: peer reset "
+                    "second line)")
+
+
 def test_import_rules():
     code = ("import sys, importlib; importlib.import_module(sys.argv[1]); "
             "print(sorted(m for m in ('ray', 'pyarrow', 'fsspec', 'torch') if m in sys.modules))")
