@@ -186,30 +186,29 @@ def _write_dino(fmt: str, state: State, path: Path) -> None:
         torch.save({"epoch": 3, "arch": DINO_MODEL_NAME, "state_dict": wrapped}, path)
 
 
-@pytest.fixture(scope="module")
-def clip_file(files: Path, clip_state: State) -> Callable[[str], Path]:
-    """Writes (once) the reference CLIP weights in a given format."""
+def _written_once(files: Path, name: str, write: Callable, state: State
+                  ) -> Callable[[str], Path]:
+    """``get(fmt)``: the path of ``state`` written in format ``fmt`` (written on first use)."""
 
     def get(fmt: str) -> Path:
-        path = files / f"clip-{fmt}.bin"
+        path = files / f"{name}-{fmt}.bin"
         if not path.exists():
-            _write_clip(fmt, clip_state, path)
+            write(fmt, state, path)
         return path
 
     return get
+
+
+@pytest.fixture(scope="module")
+def clip_file(files: Path, clip_state: State) -> Callable[[str], Path]:
+    """Writes (once) the reference CLIP weights in a given format."""
+    return _written_once(files, "clip", _write_clip, clip_state)
 
 
 @pytest.fixture(scope="module")
 def dino_file(files: Path, dino_state: State) -> Callable[[str], Path]:
     """Writes (once) the reference DINO weights in a given format."""
-
-    def get(fmt: str) -> Path:
-        path = files / f"dino-{fmt}.bin"
-        if not path.exists():
-            _write_dino(fmt, dino_state, path)
-        return path
-
-    return get
+    return _written_once(files, "dino", _write_dino, dino_state)
 
 
 # ----------------------------------------------------------------------------- formats
