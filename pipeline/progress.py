@@ -50,6 +50,7 @@ class Progress:
     errors: Counter = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
     _last: float = 0.0
+    _last_counts: tuple = ()
 
     def restart_clock(self) -> None:
         """Measure rates from now (after the workers started)."""
@@ -106,8 +107,11 @@ class Progress:
         return time.monotonic() - self._last >= self.interval_s
 
     def maybe_report(self, force: bool = False) -> None:
-        if force or self.due():
-            self._last = time.monotonic()
+        """Emit a progress line when one is due; ``force``: unless the last line already
+        showed these counts."""
+        counts = (self.shards_done, self.shards_failed, self.retries, self.images_seen)
+        if self.due() or (force and counts != self._last_counts):
+            self._last, self._last_counts = time.monotonic(), counts
             self.emit(self.line())
 
     def totals(self) -> dict:

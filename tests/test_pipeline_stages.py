@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -355,6 +357,30 @@ def test_cli_flags_only_override_dataclass_defaults(vocab_file):
     assert stall("30") == 30.0 and stall("0") is None
     with pytest.raises(ConfigError, match="stall-timeout"):
         stall("-1")
+
+
+def test_progress_lines_count_images_and_do_not_repeat_on_force():
+    from pipeline.progress import Progress
+
+    lines: list[str] = []
+    progress = Progress(2, 1, interval_s=3600.0, emit=lines.append)
+    progress._last = time.monotonic()  # the first periodic line is not due for an hour
+    record = {"num_images": 4, "num_ok": 3, "num_annotations": 7,
+              "errors_by_status": {"decode_error": 1}}
+    progress.maybe_report()
+    assert lines == []
+    progress.shard_done(record)
+    progress.maybe_report(force=True)
+    progress.maybe_report(force=True)  # nothing new: no second identical line
+    assert len(lines) == 1
+    assert re.match(r"\[cass-label\] shards 1/2 \(skipped 1, failed 0, retries 0\) \| images 4"
+                    r" \| [\d.]+ img/s \| errors 1 \| elapsed 0:00:\d\d \| ETA 0:00:\d\d$",
+                    lines[0]), lines[0]
+    progress.shard_done(record)
+    progress.maybe_report(force=True)
+    assert len(lines) == 2 and "shards 2/2" in lines[1] and "images 8" in lines[1]
+    totals = progress.totals()
+    assert totals["images"] == 8 and totals["images_ok"] == 6 and totals["shards"] == 3
 
 
 def test_job_logs_library_errors_as_one_line():
