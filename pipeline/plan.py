@@ -101,6 +101,9 @@ def plan_job(job: JobConfig) -> JobPlan:
                         compute)
     if existing and not job.io.overwrite:
         record["previous_runs"] = _history(existing)
+        # the weight hashes the output was labelled with stay on record until a worker has
+        # proved it holds the same, so a run that fails at start-up cannot drop them
+        record["models"] = existing.get("models") or {}
     _guarded(lambda: write_record(out_fs, out_root, record), "write the run record to",
              job.io.output_uri)
     todo = [s for s in shards if s.shard_id not in skipped]

@@ -17,7 +17,7 @@ import ray
 from ray.exceptions import RayError
 
 from .plan import JobPlan, StartupError
-from .record import check_same_weights
+from .record import OutputConflict, check_same_weights, weight_differences
 from .worker import LabelWorker, WorkerSpec
 
 
@@ -92,6 +92,12 @@ class WorkerPool:
             self._embeddings = self.actors[0].compute_text_embeddings.remote()
             self.infos = ray.get([a.describe.remote() for a in self.actors])
             models = self.infos[0]["weights_info"]
+            for info in self.infos[1:]:
+                if weight_differences(models, info["weights_info"]):
+                    raise OutputConflict(
+                        f"workers on {self.infos[0]['host']} and {info['host']} loaded different "
+                        f"weights ({', '.join(weight_differences(models, info['weights_info']))})"
+                        "; the staged copies of the weight files differ between nodes")
             check_same_weights(self.plan.existing if not self.plan.job.io.overwrite else None,
                                models)
             self._metadata = self.plan.file_metadata(models)
@@ -99,6 +105,9 @@ class WorkerPool:
         except RayError as exc:
             raise StartupError(
                 f"the engine failed to start on a worker: {error_reason(exc)}") from exc
+        except OutputConflict as exc:
+            raise StartupError(f"refusing to write to {self.plan.job.io.output_uri}: "
+                               f"{exc}") from exc
         return models
 
     def replace(self, index: int) -> None:

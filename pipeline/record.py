@@ -85,11 +85,16 @@ def check_same_weights(existing: Mapping | None, models: Mapping) -> None:
     """
     if not existing or not existing.get("models"):
         return
-    before, after = _hashes(existing["models"]), _hashes(models)
-    changed = sorted(k for k in before.keys() & after.keys() if before[k] != after[k])
+    changed = weight_differences(existing["models"], models)
     if changed:
         raise OutputConflict(f"model weights differ from the existing output ({', '.join(changed)}"
                              "); use --overwrite or another --output")
+
+
+def weight_differences(before: Mapping, after: Mapping) -> list[str]:
+    """Names of the weight hashes present in both model descriptions that differ."""
+    old, new = _hashes(before), _hashes(after)
+    return sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
 
 
 def _hashes(tree: Any, prefix: str = "") -> dict[str, str]:

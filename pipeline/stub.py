@@ -8,6 +8,7 @@ errors and dying workers.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import signal
 import threading
@@ -80,7 +81,9 @@ class StubSegmenter:
         self.options = options
         self._text: StubTextEmbeddings | None = None
         self._images_seen = 0
-        self.weights_info = {"engine": "stub", "stub": options.to_dict()}
+        # like the real engine's, a content hash the resume checks compare
+        digest = hashlib.sha256(repr(sorted(options.to_dict().items())).encode()).hexdigest()
+        self.weights_info = {"engine": "stub", "stub": options.to_dict(), "sha256": digest}
 
     @property
     def vocabulary(self) -> Any:

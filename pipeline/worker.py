@@ -28,6 +28,7 @@ from .decode import DecodedImage, decode_image
 from .encode import failure_row, result_to_row
 from .engine import EngineSpec, build_engine, choose_device
 from .readers import RawImage, iter_raw_images
+from .record import weight_differences
 from .shards import ShardSpec
 from .storage import filesystem
 from .writer import write_shard
@@ -101,10 +102,16 @@ class LabelWorker:
 
     def prepare(self, text_embeddings: Any, run_metadata: Mapping | None = None) -> bool:
         """Adopt shared text embeddings and the file metadata of this run."""
+        if run_metadata is not None:
+            expected = run_metadata.get("run", {}).get("models") or {}
+            changed = weight_differences(expected, getattr(self.engine, "weights_info", {}))
+            if changed:
+                raise RuntimeError(f"this worker's weights differ from the run's "
+                                   f"({', '.join(changed)}); the staged copies of the weight "
+                                   "files differ between nodes")
+            self._run_metadata = dict(run_metadata)
         with self._lock:
             self.engine.set_vocabulary(text_embeddings=text_embeddings)
-        if run_metadata is not None:
-            self._run_metadata = dict(run_metadata)
         return True
 
     def live_images(self) -> int:

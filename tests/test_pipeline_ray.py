@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -19,7 +20,7 @@ from jobs import label as label_job
 from pipeline.config import ComputeConfig, IOConfig
 from pipeline.decode import decode_image
 from pipeline.engine import EngineSpec
-from pipeline.plan import JobConfig
+from pipeline.plan import JobConfig, StartupError
 from pipeline.runner import run_job
 from pipeline.stub import StubOptions, stub_labels
 from schemas import annotations_to_label_map
@@ -208,6 +209,28 @@ def test_killed_actor_mid_run_is_replaced_and_its_shards_retried(ray_cpus, tmp_p
     rows = _rows(str(tmp_path / "out"))
     _assert_labels_equal_stub(rows, {r["image_id"]: images[r["key"]] for r in rows})
     assert len(rows) == 12
+
+
+def test_changed_weights_are_refused_even_after_a_failed_start(ray_cpus, tmp_path, vocab_file):
+    (tmp_path / "in").mkdir()
+    for i, array in enumerate(photos(3, 40)):
+        (tmp_path / "in" / f"im{i}.png").write_bytes(encode(array))
+    job = _job(str(tmp_path / "in"), str(tmp_path / "out"), vocab_file,
+               io_options={"images_per_shard": 2})
+    assert run_job(job, emit=lambda _: None).status == "complete"
+    record_path = tmp_path / "out" / "run.json"
+    record = json.loads(record_path.read_text())
+    assert len(record["models"]["sha256"]) == 64
+    record["models"]["sha256"] = "0" * 64  # as if the output was made with other weights
+    record_path.write_text(json.dumps(record))
+    (tmp_path / "out" / "_done" / "images-000001.json").unlink()  # leave work to do
+    for _ in range(2):  # the refusal must survive its own failed run record
+        with pytest.raises(StartupError, match=r"model weights differ .*sha256"):
+            run_job(job, emit=lambda _: None)
+        after = json.loads(record_path.read_text())
+        assert after["status"] == "failed" and after["models"]["sha256"] == "0" * 64
+    overwrite = dataclasses.replace(job, io=dataclasses.replace(job.io, overwrite=True))
+    assert run_job(overwrite, emit=lambda _: None).status == "complete"
 
 
 def test_stalled_shard_restarts_its_worker_and_is_reported(ray_cpus, tmp_path, vocab_file):

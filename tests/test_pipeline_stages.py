@@ -310,6 +310,17 @@ def test_plan_refuses_to_mix_vocabularies_unless_overwrite(tmp_path, vocab_file)
     assert plan.record["categories"][1]["name"] == "dog"
 
 
+def test_replacement_worker_with_other_weights_refuses_to_label(tmp_path, vocab_file):
+    _write_images(tmp_path / "in", ["a.png"])
+    job = _job(tmp_path, vocab_file)
+    worker = LabelWorker(WorkerSpec(job.engine, job.io, job.compute, "fp"))
+    text = worker.compute_text_embeddings()
+    run = {"run": {"models": {**worker.engine.weights_info, "sha256": "0" * 64}}}
+    with pytest.raises(RuntimeError, match=r"weights differ from the run's \(sha256\)"):
+        worker.prepare(text, run)
+    assert worker.prepare(text, {"run": {"models": worker.engine.weights_info}})
+
+
 def test_check_compatible_needs_a_record_for_existing_shards():
     check_compatible(None, {}, "fp", has_shards=False)
     with pytest.raises(OutputConflict, match="no run.json"):
