@@ -9,10 +9,10 @@ Rows are streamed shard by shard, so memory stays bounded on large outputs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
+from pipeline.config import storage_options_argument
 from schemas import write_coco_json
 from schemas.io import iter_label_rows, read_run_record, record_categories
 
@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="export_coco.py", description=__doc__.split("\n")[0])
     parser.add_argument("--labels", required=True, help="labeling output URI (has run.json)")
     parser.add_argument("--out", required=True, help="COCO JSON file to write (path or URI)")
-    parser.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
+    parser.add_argument("--storage-options", type=storage_options_argument, default=None,
+                        metavar="JSON",
                         help="fsspec options for the output and --out (default: {})")
     return parser
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from pipeline.config import ComputeConfig, ConfigError, IOConfig
+from pipeline.config import ComputeConfig, ConfigError, IOConfig, storage_options_argument
 from pipeline.engine import EngineSpec
 from pipeline.plan import JobConfig, StartupError
 from pipeline.stub import StubOptions
@@ -62,7 +61,7 @@ def _io_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--image-column", help="image-bytes column of Parquet shards "
                        f"(default: {d('image_column')})")
     group.add_argument("--id-column", help="key column of Parquet shards (default: row number)")
-    group.add_argument("--storage-options", type=json.loads, metavar="JSON",
+    group.add_argument("--storage-options", type=storage_options_argument, metavar="JSON",
                        help="fsspec filesystem keyword arguments for input and output, e.g. "
                        '\'{"endpoint_url": "http://127.0.0.1:8333", "key": "...", '
                        '"secret": "..."}\'; AWS_* environment variables also work '

@@ -9,9 +9,12 @@ Three groups, validated on construction:
 
 from __future__ import annotations
 
+import json
+from argparse import ArgumentTypeError
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 InputFormat = Literal["auto", "webdataset", "parquet", "images"]
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "images")
@@ -19,20 +22,39 @@ INPUT_FORMATS = ("auto", "webdataset", "parquet", "images")
 #: Default decompression-bomb limit (pixels); about 64 megapixels (8000 x 8000).
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session", "auth")
+_SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "session",
+                 "auth", "connection", "sas", "signature", "private", "cookie")
 
 
 def redact(options: Mapping | None) -> dict:
-    """A copy of storage options safe to log: values of secret-looking keys become ``"***"``."""
-    out: dict = {}
-    for name, value in (options or {}).items():
-        if isinstance(value, Mapping):
-            out[name] = redact(value)
-        elif any(word in str(name).lower() for word in _SECRET_WORDS):
-            out[name] = "***"
-        else:
-            out[name] = value
-    return out
+    """A copy of storage options safe to log: values of secret-looking keys become ``"***"``,
+    URLs lose their user info and query string (nested mappings and lists included)."""
+    return {name: _redacted(name, value) for name, value in (options or {}).items()}
+
+
+def _redacted(name: object, value: object) -> object:
+    if isinstance(value, Mapping):
+        return redact(value)
+    if any(word in str(name).lower() for word in _SECRET_WORDS):
+        return "***"
+    if isinstance(value, (list, tuple)):
+        return [_redacted(name, v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        return public_uri(value)
+    return value
+
+
+def public_uri(uri: str | None) -> str | None:
+    """A URI without credentials (user info, query string, fragment), for records and logs."""
+    if uri is None or "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    if not (parts.username or parts.password or parts.query or parts.fragment):
+        return uri
+    host = parts.hostname or ""
+    netloc = f"***@{host}" if parts.username or parts.password else host
+    netloc += f":{parts.port}" if parts.port else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 @dataclass(frozen=True)
@@ -79,7 +101,7 @@ class IOConfig:
     def public_dict(self) -> dict:
         """JSON view with credentials redacted, for run records and logs."""
         return {
-            "input_uri": self.input_uri, "output_uri": self.output_uri,
+            "input_uri": public_uri(self.input_uri), "output_uri": public_uri(self.output_uri),
             "input_format": self.input_format, "images_per_shard": self.images_per_shard,
             "image_column": self.image_column, "id_column": self.id_column,
             "storage_options": redact(self.storage_options),
@@ -133,6 +155,20 @@ class ComputeConfig:
         _check(self.progress_interval_s > 0, "progress_interval_s must be > 0")
         _check(self.stall_timeout_s is None or self.stall_timeout_s > 0,
                "stall_timeout_s must be > 0 (or None to disable)")
+
+
+def storage_options_argument(text: str) -> dict:
+    """argparse type of ``--storage-options``: a JSON object. Errors never echo the value
+    (argparse would, for a ValueError), since it may hold credentials."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ArgumentTypeError(
+            f"not valid JSON ({exc.msg} at character {exc.pos}; the value is not shown "
+            "because it may hold credentials)") from None
+    if not isinstance(value, dict):
+        raise ArgumentTypeError("must be a JSON object, e.g. '{\"key\": \"...\"}'")
+    return value
 
 
 class ConfigError(ValueError):

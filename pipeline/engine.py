@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
+from .config import public_uri
 from .stub import StubOptions, StubSegmenter
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cass-labeler")
@@ -59,22 +60,12 @@ class EngineSpec:
         return {
             "engine": "stub" if self.stub is not None else "cass",
             "config": self.config.to_dict(),
-            "clip_weights": _public_uri(self.clip_weights),
-            "dino_weights": _public_uri(self.dino_weights),
+            "clip_weights": public_uri(self.clip_weights),
+            "dino_weights": public_uri(self.dino_weights),
             "random_weights": self.random_weights,
             "dtype": self.dtype,
             "stub": self.stub.to_dict() if self.stub is not None else None,
         }
-
-
-def _public_uri(uri: str | None) -> str | None:
-    """A weight source without credentials (userinfo, query string) for records."""
-    if uri is None or "://" not in uri:
-        return uri
-    parts = urlsplit(uri)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def choose_device(requested: str, gpu_ids: list) -> str:
@@ -128,5 +119,5 @@ def _download(uri: str, target: Path, storage_options: Mapping) -> None:
 
     fs, path = filesystem(uri, storage_options)
     partial = target.with_suffix(target.suffix + ".partial")
-    retry(lambda: fs.get_file(path, str(partial)), f"download weights {_public_uri(uri)}")
+    retry(lambda: fs.get_file(path, str(partial)), f"download weights {public_uri(uri)}")
     partial.replace(target)

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .shards import IMAGE_EXTENSIONS, ShardSpec
+from .shards import IMAGE_EXTENSIONS, ShardSpec, printable
 from .storage import read_bytes, retry
 
 PARQUET_BATCH_ROWS = 32
@@ -57,7 +57,7 @@ def iter_raw_images(shard: ShardSpec, fs: Any, image_column: str = "image",
         yield from _iter_parquet(shard, fs, image_column, id_column)
     elif shard.kind == "images":
         for path, key in zip(shard.paths, shard.keys, strict=True):
-            yield RawImage(key, fs.unstrip_protocol(path), path=path)
+            yield RawImage(key, printable(fs.unstrip_protocol(path)), path=path)
     else:
         raise ValueError(f"unknown shard kind {shard.kind!r}")
 
@@ -101,9 +101,13 @@ def _tar_item(archive: tarfile.TarFile, member: tarfile.TarInfo, shard: ShardSpe
     name = member.name
     if not member.isfile() or not name.lower().endswith(IMAGE_EXTENSIONS):
         return None
-    key = tar_key(name)
+    key = printable(tar_key(name))
     if key in seen:
-        key = name
+        key = printable(name)
+    base, n = key, 1
+    while key in seen:  # distinct raw names that print alike
+        n += 1
+        key = f"{base}~{n}"
     seen.add(key)
     handle = archive.extractfile(member)
     data = handle.read() if handle is not None else b""
@@ -129,7 +133,17 @@ def _iter_parquet(shard: ShardSpec, fs: Any, image_column: str,
             return
         columns = [image_column] + ([id_column] if id_column else [])
         row = 0
-        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                yield RawImage(f"{_archive_key(shard)}#row{row}", shard.source_uri,
+                               error=("decode_error", f"unreadable Parquet data from row {row} "
+                                      f"on: {type(exc).__name__}: {exc}"))
+                return
+            if batch is None:
+                return
             images = batch.column(image_column).to_pylist()
             ids = batch.column(id_column).to_pylist() if id_column else [None] * len(images)
             for value, ident in zip(images, ids, strict=True):

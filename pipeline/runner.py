@@ -25,6 +25,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayError
 
+from .config import public_uri
 from .plan import JobConfig, JobPlan, StartupError, plan_job
 from .pool import WorkerPool, actor_resources, error_reason
 from .progress import Progress, emit_stderr
@@ -64,7 +65,7 @@ def execute_plan(plan: JobPlan, emit: Callable[[str], None] = emit_stderr) -> Ru
     """Label the shards of a checked plan (see :func:`pipeline.plan.plan_job`)."""
     job = plan.job
     progress = Progress(len(plan.todo), len(plan.skipped), job.compute.progress_interval_s, emit)
-    emit(f"[cass-label] {len(plan.shards)} shard(s) in {job.io.input_uri}: "
+    emit(f"[cass-label] {len(plan.shards)} shard(s) in {public_uri(job.io.input_uri)}: "
          f"{len(plan.todo)} to label, {len(plan.skipped)} already done")
     if not plan.todo:
         return _finish(plan, progress, [], _resources(None), 0)
@@ -122,7 +123,7 @@ def _finish(plan: JobPlan, progress: Progress, failed: list[dict], resources: di
     write_record(plan.out_fs, plan.out_root, record)
     progress.live_images = 0
     progress.maybe_report(force=True)
-    progress.emit(progress.summary(status, plan.job.io.output_uri))
+    progress.emit(progress.summary(status, public_uri(plan.job.io.output_uri)))
     for shard in failed:
         progress.emit(f"[cass-label] failed shard {shard['shard_id']}: {shard['reasons'][-1]}")
     code = {"incomplete": EXIT_INCOMPLETE, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_OK)

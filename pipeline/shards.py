@@ -132,7 +132,8 @@ def _file_shards(fs: Any, base: str, paths: list[str], sizes: dict[str, int],
         relative = _relative(path, base)
         shard_id = _unique(safe_shard_id(relative.rsplit(".", 1)[0], relative), used)
         fingerprint = _hash(f"{relative}:{sizes.get(path, 0)}")
-        shards.append(ShardSpec(shard_id, kind, (path,), (), uri_of(fs, path), fingerprint))
+        shards.append(ShardSpec(shard_id, kind, (path,), (), printable(uri_of(fs, path)),
+                                fingerprint))
     return shards
 
 
@@ -141,12 +142,18 @@ def _image_groups(fs: Any, base: str, paths: list[str], sizes: dict[str, int],
     shards = []
     for index, start in enumerate(range(0, len(paths), per_shard)):
         group = tuple(paths[start:start + per_shard])
-        keys = tuple(_relative(p, base) for p in group)
+        keys = tuple(printable(_relative(p, base)) for p in group)
         listing = "\n".join(f"{k}:{sizes.get(p, 0)}" for k, p in zip(keys, group, strict=True))
         fingerprint = _hash(listing)
         shards.append(ShardSpec(f"images-{index:06d}", "images", group, keys,
-                                uri_of(fs, base), fingerprint))
+                                printable(uri_of(fs, base)), fingerprint))
     return shards
+
+
+def printable(text: str) -> str:
+    """A key as valid UTF-8: bytes that were not (kept by ``surrogateescape`` when names are
+    decoded) become U+FFFD, so that every key can be written to Parquet."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def safe_shard_id(name: str, original: str) -> str:
@@ -168,4 +175,4 @@ def _unique(shard_id: str, used: set[str]) -> str:
 
 
 def _hash(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+    return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -243,6 +245,59 @@ def test_engine_failure_on_one_image_becomes_an_error_row(tmp_path, vocab_file):
     table, _ = read_label_table(str(tmp_path / "out" / "labels" / "images-000000.parquet"))
     statuses = [r["status"] for r in table.to_pylist()]
     assert statuses == ["ok", "engine_error", "ok"]
+
+
+def test_undecodable_names_and_odd_decoder_failures_are_rows_not_failed_shards(
+        tmp_path, vocab_file, monkeypatch):
+    import struct
+
+    import pipeline.decode
+
+    good = encode(photo("coffee", 40))
+    (tmp_path / "in").mkdir()
+    raw = lambda name: name.decode("utf-8", "surrogateescape")  # noqa: E731
+    members = {raw(b"caf\xe9.png"): good, raw(b"caf\xe8.png"): good, "plain.png": good}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT,
+                      encoding="utf-8", errors="surrogateescape") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    (tmp_path / "in" / raw(b"shard-\xff.tar")).write_bytes(buffer.getvalue())
+    worker = _worker(tmp_path, vocab_file)
+    shard = list_shards(worker.spec.io)[0]
+    worker.process_shard(shard)
+    table, _ = read_label_table(str(tmp_path / "out" / "labels" / f"{shard.shard_id}.parquet"))
+    rows = table.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"]
+    assert len({r["image_id"] for r in rows}) == 3
+    assert rows[0]["key"] == "caf\ufffd" and "\ufffd" in rows[0]["source_uri"]
+
+    def broken_exif(image):
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(pipeline.decode.ImageOps, "exif_transpose", broken_exif)
+    decoded = decode_image(good, LIMIT)
+    assert decoded.status == "decode_error" and "unpack requires" in decoded.error
+
+
+def test_damaged_parquet_pages_end_the_shard_with_an_error_row(tmp_path, vocab_file):
+    (tmp_path / "in").mkdir()
+    blobs = [encode(photo("coins", 24 + i % 8)) for i in range(64)]
+    path = tmp_path / "in" / "part.parquet"
+    pq.write_table(pa.table({"image": blobs}), path, row_group_size=32, use_dictionary=False)
+    data = bytearray(path.read_bytes())
+    start = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset
+    data[start + 20:start + 2000] = b"\xff" * 1980  # the second row group's page header
+    path.write_bytes(bytes(data))
+    worker = _worker(tmp_path, vocab_file)
+    worker.process_shard(list_shards(worker.spec.io)[0])
+    table, _ = read_label_table(str(tmp_path / "out" / "labels" / "part.parquet"))
+    rows = table.to_pylist()
+    assert len(rows) == 33 and [r["status"] for r in rows[:32]] == ["ok"] * 32
+    assert rows[-1]["status"] == "decode_error" and "from row 32" in rows[-1]["error"]
+    assert (tmp_path / "out" / "_done" / "part.json").exists()
 
 
 def test_storage_errors_during_write_are_retried(tmp_path, vocab_file, monkeypatch):
