@@ -142,8 +142,13 @@ def _output(io: IOConfig) -> tuple[Any, str]:
 
 def _check_output(io: IOConfig, fs: Any, root: str, identity: dict,
                   fingerprint: str) -> dict | None:
-    existing = _guarded(lambda: read_existing_record(fs, root), "read the output",
-                        io.output_uri)
+    try:
+        existing = _guarded(lambda: read_existing_record(fs, root), "read the output",
+                            io.output_uri)
+    except OutputConflict as exc:
+        if not io.overwrite:
+            raise StartupError(f"refusing to write to {io.output_uri}: {exc}") from exc
+        existing = None
     if io.overwrite:
         _guarded(lambda: clear_output(fs, root), "clear the output", io.output_uri)
         return existing

@@ -48,7 +48,15 @@ def read_existing_record(fs: Any, root: str) -> dict | None:
     path = run_record_path(root)
     if not exists(fs, path):
         return None
-    return json.loads(read_bytes(fs, path).decode("utf-8"))
+    try:
+        record = json.loads(read_bytes(fs, path).decode("utf-8"))
+    except ValueError as exc:
+        raise OutputConflict(f"its run.json is unreadable ({exc}); use --overwrite to start "
+                             "the output afresh, or choose another --output") from None
+    if not isinstance(record, dict):
+        raise OutputConflict("its run.json is not a run record; use --overwrite or another "
+                             "--output")
+    return record
 
 
 def write_record(fs: Any, root: str, record: Mapping) -> None:
@@ -139,12 +147,15 @@ def shards_to_skip(fs: Any, root: str, output_uri: str, storage_options: Mapping
     if not wanted:
         return {}
     paths = {done_path(root, sid): sid for sid in wanted}
-    blobs = retry(lambda: fs.cat(list(paths)), "read completion records")
+    blobs = retry(lambda: fs.cat(list(paths), on_error="omit"), "read completion records")
     skip = {}
     for path, blob in blobs.items():
         shard_id = paths.get(path) or paths.get(path.split("://", 1)[-1])
-        record = json.loads(blob)
-        if _still_valid(record, wanted[shard_id], fingerprint):
+        try:
+            record = json.loads(blob)
+        except ValueError:  # cut short by a crash mid-write: the shard is redone
+            continue
+        if isinstance(record, dict) and _still_valid(record, wanted[shard_id], fingerprint):
             skip[shard_id] = record
     return skip
 

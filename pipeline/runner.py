@@ -172,8 +172,9 @@ class Scheduler:
         self.solo: set[int] = set()
         self.failed: list[dict] = []
         self.max_replacements = len(pool.actors) * compute.max_attempts * 2
-        limited = plan.job.io.limit is not None and plan.todo and plan.todo[0].kind != "images"
-        self.budget = plan.job.io.limit if limited else None
+        self.budget = plan.job.io.limit
+        self.dead: set[int] = set()  # slots whose worker was not replaced (run abandoned)
+        self.abandoned: str | None = None
         self.interval = compute.progress_interval_s
         self.stall_timeout = compute.stall_timeout_s
         self.poll_every = min(self.interval, 10.0, (self.stall_timeout or 60.0) / 4)
@@ -251,7 +252,8 @@ class Scheduler:
                 self.fresh.appendleft(run.task)
         self.solo.discard(slot)
         if self.pool.replacements >= self.max_replacements:
-            self._abandon("too many worker restarts")  # nothing is left to schedule
+            self.dead.add(slot)
+            self._abandon("too many worker restarts")
             ray.kill(self.pool.actors[slot], no_restart=True)
             return
         self.pool.replace(slot)
@@ -262,6 +264,8 @@ class Scheduler:
 
     def _submit(self) -> None:
         for slot in range(len(self.pool.actors)):
+            if slot in self.dead:
+                continue
             while self.load[slot] < self.per_actor and slot not in self.solo:
                 task = self._next_task(slot)
                 if task is None:
@@ -277,7 +281,9 @@ class Scheduler:
         return self.fresh.popleft() if self.fresh else None
 
     def _launch(self, slot: int, task: _Task) -> None:
-        cap = self.budget
+        cap = self.budget  # --limit: a shard may use what is left, or all it has if known
+        if cap is not None and task.shard.kind == "images":
+            cap = min(cap, len(task.shard.paths))
         if cap is not None:
             self.budget -= cap
         ref = self.pool.actors[slot].process_shard.remote(task.shard, cap)
@@ -304,6 +310,7 @@ class Scheduler:
         if self.pool.generation[run.slot] != run.generation:
             return
         if self.pool.replacements >= self.max_replacements:
+            self.dead.add(run.slot)
             self._abandon("too many worker deaths")
             return
         self.pool.replace(run.slot)
@@ -314,7 +321,10 @@ class Scheduler:
         task = run.task
         task.attempt += 1
         task.reasons.append(reason)
-        if task.attempt >= self.max_attempts:
+        if self.abandoned is not None:
+            task.reasons.append(self.abandoned)
+            self._fail(task)
+        elif task.attempt >= self.max_attempts:
             self._fail(task)
         else:
             self.progress.shard_retried(task.shard.shard_id, reason)
@@ -327,6 +337,8 @@ class Scheduler:
                             "attempts": task.attempt, "reasons": task.reasons})
 
     def _abandon(self, reason: str) -> None:
+        """Stop scheduling: fail every shard not yet running (running ones may finish)."""
+        self.abandoned = reason
         while self.fresh or self.retries:
             task = (self.retries or self.fresh).popleft()
             task.reasons.append(reason)

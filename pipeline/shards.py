@@ -63,8 +63,6 @@ def list_shards(io: IOConfig) -> list[ShardSpec]:
         raise InputError(f"no {kind} files found under {io.input_uri}")
     base = _base_dir(root, io.input_uri)
     if kind == "images":
-        if io.limit is not None:
-            chosen = chosen[: io.limit]
         return _image_groups(fs, base, chosen, files, io.images_per_shard)
     return _file_shards(fs, base, chosen, files, kind)
 

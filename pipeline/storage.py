@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -105,10 +107,16 @@ def read_bytes(fs: Any, path: str) -> bytes:
 
 
 def put_bytes(fs: Any, path: str, data: bytes) -> None:
-    """Write an object in one request (one PUT on object stores), with retries."""
-    if is_local(fs):
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    retry(lambda: fs.pipe_file(path, data), f"write {path}")
+    """Write an object whole or not at all, with retries: one PUT on object stores; on local
+    disks a temporary file renamed into place, so a crash never leaves half a file."""
+    if not is_local(fs):
+        retry(lambda: fs.pipe_file(path, data), f"write {path}")
+        return
+    directory, name = path.rsplit("/", 1)
+    fs.makedirs(directory, exist_ok=True)
+    partial = f"{directory}/.{name}.{os.getpid()}.{threading.get_ident()}.partial"
+    retry(lambda: fs.pipe_file(partial, data), f"write {path}")
+    os.replace(partial, path)
 
 
 def exists(fs: Any, path: str) -> bool:

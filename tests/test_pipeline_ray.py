@@ -159,6 +159,25 @@ def test_parquet_shards_and_limit_then_full_rerun(ray_cpus, s3_server, vocab_fil
     _assert_labels_equal_stub(_rows(output, s3_server), images)
 
 
+def test_limit_on_image_files_is_reported_limited_then_completed(ray_cpus, tmp_path,
+                                                                 vocab_file):
+    (tmp_path / "in").mkdir()
+    for i, array in enumerate(photos(5, 40)):
+        (tmp_path / "in" / f"im{i}.png").write_bytes(encode(array))
+    job = _job(str(tmp_path / "in"), str(tmp_path / "out"), vocab_file,
+               io_options={"images_per_shard": 2, "limit": 3}, actors=2)
+    limited = run_job(job, emit=lambda _: None)
+    assert limited.status == "limited" and limited.exit_code == 0
+    assert limited.record["totals"]["images"] == 3
+    assert sorted(r["key"] for r in _rows(str(tmp_path / "out"))) == ["im0.png", "im1.png",
+                                                                      "im2.png"]
+    full = run_job(dataclasses.replace(job, io=dataclasses.replace(job.io, limit=None)),
+                   emit=lambda _: None)
+    assert full.status == "complete" and full.record["totals"]["shards_skipped"] == 1
+    keys = [r["key"] for r in _rows(str(tmp_path / "out"))]
+    assert sorted(keys) == [f"im{i}.png" for i in range(5)]  # each exactly once
+
+
 def test_resume_after_interruption_without_duplicates(ray_cpus, s3_server, vocab_file):
     bucket = s3_server.new_bucket()
     fs = s3_server.filesystem()
