@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas import Category, categories_from_classes, run_metadata
-from schemas.io import completed_shards
+from schemas.io import completed_shards, done_path, labels_path
 
 from .config import ComputeConfig, IOConfig
 from .engine import EngineSpec
@@ -28,8 +28,8 @@ from .record import (
     shards_to_skip,
     write_record,
 )
-from .shards import InputError, ShardSpec, list_shards
-from .storage import filesystem
+from .shards import IMAGE_GROUP_ID, InputError, ShardSpec, list_shards
+from .storage import filesystem, remove_tree
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,14 @@ def plan_job(job: JobConfig) -> JobPlan:
     shards = _list_input(job.io)
     out_fs, out_root = _output(job.io)
     existing = _check_output(job.io, out_fs, out_root, identity, fingerprint)
+    stale = _retire_stale_groups(job.io, out_fs, out_root, shards)
     skipped = shards_to_skip(out_fs, out_root, job.io.output_uri, job.io.storage_options,
                              shards, fingerprint)
     categories = categories_from_classes(vocabulary.classes)
     compute = dataclasses.asdict(job.compute)
     record = new_record(identity, fingerprint, categories, vocabulary, job.io.public_dict(),
                         compute)
+    record["stale_shards"] = stale
     if existing and not job.io.overwrite:
         record["previous_runs"] = _history(existing)
         # the weight hashes the output was labelled with stay on record until a worker has
@@ -158,6 +160,29 @@ def _check_output(io: IOConfig, fs: Any, root: str, identity: dict,
     except OutputConflict as exc:
         raise StartupError(f"refusing to write to {io.output_uri}: {exc}") from exc
     return existing
+
+
+def _retire_stale_groups(io: IOConfig, fs: Any, root: str,
+                         shards: list[ShardSpec]) -> dict[str, list[str]]:
+    """Done shards of the output that the input no longer has.
+
+    Groups of image files are positional: after files were added, removed or
+    ``--images-per-shard`` changed, a group id beyond the new listing would keep labels of
+    images that the current groups label again (twice in the output). Their completion record
+    (first) and table are removed. Other stale shards (an input file that is gone) are kept and
+    listed.
+    """
+    done = set(_guarded(lambda: completed_shards(io.output_uri, io.storage_options),
+                        "list the completed shards of", io.output_uri))
+    stale = sorted(done - {s.shard_id for s in shards})
+    grouped = shards[0].kind == "images"
+    removed = [sid for sid in stale if grouped and IMAGE_GROUP_ID.fullmatch(sid)]
+    for sid in removed:
+        _guarded(lambda sid=sid: remove_tree(fs, done_path(root, sid)),
+                 "remove a stale completion record from", io.output_uri)
+        _guarded(lambda sid=sid: remove_tree(fs, labels_path(root, sid)),
+                 "remove a stale label table from", io.output_uri)
+    return {"removed": removed, "kept": [sid for sid in stale if sid not in removed]}
 
 
 def _history(existing: dict) -> list[dict]:

@@ -67,6 +67,15 @@ def execute_plan(plan: JobPlan, emit: Callable[[str], None] = emit_stderr) -> Ru
     progress = Progress(len(plan.todo), len(plan.skipped), job.compute.progress_interval_s, emit)
     emit(f"[cass-label] {len(plan.shards)} shard(s) in {public_uri(job.io.input_uri)}: "
          f"{len(plan.todo)} to label, {len(plan.skipped)} already done")
+    stale = plan.record.get("stale_shards") or {}
+    if stale.get("removed"):
+        emit(f"[cass-label] the image files changed since the last run: removed "
+             f"{len(stale['removed'])} done group(s) beyond the new listing "
+             f"({', '.join(stale['removed'][:5])}{', ...' if len(stale['removed']) > 5 else ''})")
+    if stale.get("kept"):
+        emit(f"[cass-label] warning: {len(stale['kept'])} done shard(s) in the output are no "
+             f"longer in the input (kept): {', '.join(stale['kept'][:5])}"
+             f"{', ...' if len(stale['kept']) > 5 else ''}")
     if not plan.todo:
         return _finish(plan, progress, [], _resources(None), 0)
     try:

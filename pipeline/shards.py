@@ -20,6 +20,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", "
 TAR_EXTENSIONS = (".tar",)
 PARQUET_EXTENSIONS = (".parquet", ".pq")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+#: Ids of the groups of image files: positional, so they are reassigned when the files change.
+IMAGE_GROUP_ID = re.compile(r"images-\d{6}")
 
 
 class InputError(ValueError):

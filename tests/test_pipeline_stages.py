@@ -400,6 +400,32 @@ def test_damaged_records_never_block_a_resume(tmp_path, vocab_file):
     assert len(fresh.todo) == 2
 
 
+def _label_all(tmp_path: Path, vocab: Path, **io_options) -> object:
+    plan = plan_job(_job(tmp_path, vocab, **io_options))
+    worker = LabelWorker(WorkerSpec(plan.job.engine, plan.job.io, plan.job.compute,
+                                    plan.fingerprint))
+    worker.prepare(worker.compute_text_embeddings())
+    for shard in plan.todo:
+        worker.process_shard(shard)
+    return plan
+
+
+def test_regrouped_image_files_are_labelled_once(tmp_path, vocab_file):
+    from schemas.io import iter_label_rows
+
+    _write_images(tmp_path / "in", [f"im{i}.png" for i in range(5)])
+    _label_all(tmp_path, vocab_file, images_per_shard=2)  # groups 0..2
+    plan = _label_all(tmp_path, vocab_file, images_per_shard=3)  # now groups 0..1
+    assert plan.record["stale_shards"] == {"removed": ["images-000002"], "kept": []}
+    keys = sorted(r["key"] for r in iter_label_rows(str(tmp_path / "out")))
+    assert keys == [f"im{i}.png" for i in range(5)]
+    assert not (tmp_path / "out" / "labels" / "images-000002.parquet").exists()
+    (tmp_path / "in" / "im4.png").unlink()
+    _label_all(tmp_path, vocab_file, images_per_shard=3)
+    keys = sorted(r["key"] for r in iter_label_rows(str(tmp_path / "out")))
+    assert keys == [f"im{i}.png" for i in range(4)]
+
+
 def test_local_writes_are_all_or_nothing(tmp_path, monkeypatch):
     import fsspec
 
