@@ -114,6 +114,10 @@ def _compute_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--max-attempts", type=int,
                        help=f"attempts per shard before it is reported failed "
                        f"(default: {d('max_attempts')})")
+    group.add_argument("--startup-timeout", type=float, metavar="SECONDS",
+                       help="give up when the workers have not started (weights loaded, text "
+                       f"embeddings computed) after this long (default: "
+                       f"{d('startup_timeout_s'):g})")
     group.add_argument("--stall-timeout", type=float, metavar="SECONDS",
                        help="restart a worker when a shard has finished no image for this "
                        "long, and retry the shard; 0 disables "
@@ -143,7 +147,8 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
         actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
         shards_per_actor=args.shards_per_actor, decode_threads=args.decode_threads,
-        max_attempts=args.max_attempts, progress_interval_s=args.progress_interval))
+        max_attempts=args.max_attempts, progress_interval_s=args.progress_interval,
+        startup_timeout_s=args.startup_timeout))
     if args.stall_timeout is not None:  # 0 disables the watchdog
         if args.stall_timeout < 0:
             raise ConfigError("--stall-timeout must be >= 0 (0 disables the watchdog)")

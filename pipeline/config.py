@@ -126,6 +126,8 @@ class ComputeConfig:
         prefetch_batches: decoded batches queued ahead of the engine, per shard.
         max_attempts: attempts per shard before it is reported as failed.
         progress_interval_s: seconds between progress lines.
+        startup_timeout_s: seconds the workers may take to start (weights staged and loaded,
+            text embeddings computed) before the job gives up with a startup error.
         stall_timeout_s: a shard in which no image has finished for this many seconds is
             declared stalled: its worker is killed and replaced, and the shard retried
             (counts as an attempt). None disables the watchdog.
@@ -140,6 +142,7 @@ class ComputeConfig:
     prefetch_batches: int = 2
     max_attempts: int = 3
     progress_interval_s: float = 10.0
+    startup_timeout_s: float = 1800.0
     stall_timeout_s: float | None = 900.0
 
     def __post_init__(self) -> None:
@@ -153,6 +156,7 @@ class ComputeConfig:
         _check(self.prefetch_batches >= 1, "prefetch_batches must be >= 1")
         _check(self.max_attempts >= 1, "max_attempts must be >= 1")
         _check(self.progress_interval_s > 0, "progress_interval_s must be > 0")
+        _check(self.startup_timeout_s > 0, "startup_timeout_s must be > 0")
         _check(self.stall_timeout_s is None or self.stall_timeout_s > 0,
                "stall_timeout_s must be > 0 (or None to disable)")
 

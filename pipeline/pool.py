@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import GetTimeoutError, RayError
 
 from .plan import JobPlan, StartupError
 from .record import OutputConflict, check_same_weights, weight_differences
@@ -88,9 +89,12 @@ class WorkerPool:
         """Start every actor, share the embeddings; returns the model identities."""
         self.actors = [self._cls.remote(self.spec) for _ in range(self.resources.num_actors)]
         self.generation = [0] * len(self.actors)
+        timeout = self.plan.job.compute.startup_timeout_s
+        deadline = time.monotonic() + timeout
+        left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
         try:
             self._embeddings = self.actors[0].compute_text_embeddings.remote()
-            self.infos = ray.get([a.describe.remote() for a in self.actors])
+            self.infos = ray.get([a.describe.remote() for a in self.actors], timeout=left())
             models = self.infos[0]["weights_info"]
             for info in self.infos[1:]:
                 if weight_differences(models, info["weights_info"]):
@@ -101,7 +105,15 @@ class WorkerPool:
             check_same_weights(self.plan.existing if not self.plan.job.io.overwrite else None,
                                models)
             self._metadata = self.plan.file_metadata(models)
-            ray.get([a.prepare.remote(self._embeddings, self._metadata) for a in self.actors])
+            ray.get([a.prepare.remote(self._embeddings, self._metadata) for a in self.actors],
+                    timeout=left())
+        except GetTimeoutError as exc:
+            r = self.resources
+            raise StartupError(
+                f"the workers did not start within {timeout:g} s (--startup-timeout): "
+                f"{r.num_actors} worker(s) needing {r.num_gpus:g} GPU(s) and {r.num_cpus:g} "
+                "CPU(s) each may not fit on any node, or staging the weights and computing "
+                "the text embeddings takes longer") from exc
         except RayError as exc:
             raise StartupError(
                 f"the engine failed to start on a worker: {error_reason(exc)}") from exc

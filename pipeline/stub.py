@@ -32,6 +32,7 @@ class StubOptions:
         die_after_images: kill the worker process after this many images, once per run
             (a marker file in ``marker_dir`` records that it happened).
         hang_on_height: block forever (a hung accelerator call) on images of this height.
+        startup_seconds: time the engine takes to build (slow weight staging).
         marker_dir: directory for the ``die_after_images`` marker.
     """
 
@@ -40,6 +41,7 @@ class StubOptions:
     die_on_height: int | None = None
     die_after_images: int | None = None
     hang_on_height: int | None = None
+    startup_seconds: float = 0.0
     marker_dir: str | None = None
 
     def to_dict(self) -> dict:
@@ -77,6 +79,7 @@ class StubSegmenter:
     """Engine-compatible segmenter: ``set_vocabulary`` once, ``segment`` per batch."""
 
     def __init__(self, config: Any, options: StubOptions) -> None:
+        time.sleep(options.startup_seconds)
         self.config = config
         self.options = options
         self._text: StubTextEmbeddings | None = None

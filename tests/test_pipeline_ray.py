@@ -252,6 +252,16 @@ def test_changed_weights_are_refused_even_after_a_failed_start(ray_cpus, tmp_pat
     assert run_job(overwrite, emit=lambda _: None).status == "complete"
 
 
+def test_workers_that_do_not_start_in_time_fail_the_start(ray_cpus, tmp_path, vocab_file):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(encode(photo("coffee", 40)))
+    job = _job(str(tmp_path / "in"), str(tmp_path / "out"), vocab_file,
+               stub=StubOptions(startup_seconds=30.0), startup_timeout_s=2.0)
+    with pytest.raises(StartupError, match=r"did not start within 2 s \(--startup-timeout\)"):
+        run_job(job, emit=lambda _: None)
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "failed"
+
+
 def test_stalled_shard_restarts_its_worker_and_is_reported(ray_cpus, tmp_path, vocab_file):
     (tmp_path / "in").mkdir()
     images = {}
