@@ -69,6 +69,12 @@ def decode_image(data: bytes, max_image_pixels: int) -> DecodedImage:
         return _failed("decode_error", f"{type(exc).__name__}: {exc}")
 
 
+def max_encoded_bytes(max_image_pixels: int) -> int:
+    """Largest encoded image worth reading: 8 bytes per allowed pixel (16-bit RGBA stored
+    raw) plus 1 MiB of metadata. Anything larger cannot decode within the pixel limit."""
+    return max_image_pixels * 8 + 2**20
+
+
 def _decode(data: bytes, max_image_pixels: int) -> DecodedImage:
     image = Image.open(io.BytesIO(data))
     width, height = image.size

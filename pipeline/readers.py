@@ -49,31 +49,47 @@ class RawImage:
 
 
 def iter_raw_images(shard: ShardSpec, fs: Any, image_column: str = "image",
-                    id_column: str | None = None) -> Iterator[RawImage]:
-    """Yield the shard's images in shard order."""
+                    id_column: str | None = None,
+                    max_bytes: int | None = None) -> Iterator[RawImage]:
+    """Yield the shard's images in shard order.
+
+    Args:
+        max_bytes: tar members and image files larger than this become ``too_large`` error
+            items without being read (Parquet cells arrive with their row group).
+    """
     if shard.kind == "webdataset":
-        yield from _iter_tar(shard, fs)
+        yield from _iter_tar(shard, fs, max_bytes)
     elif shard.kind == "parquet":
         yield from _iter_parquet(shard, fs, image_column, id_column)
     elif shard.kind == "images":
-        for path, key in zip(shard.paths, shard.keys, strict=True):
-            yield RawImage(key, printable(fs.unstrip_protocol(path)), path=path)
+        sizes = shard.sizes or (0,) * len(shard.paths)
+        for path, key, size in zip(shard.paths, shard.keys, sizes, strict=True):
+            uri = printable(fs.unstrip_protocol(path))
+            if max_bytes is not None and size > max_bytes:
+                yield RawImage(key, uri, error=_too_many_bytes(size, max_bytes))
+            else:
+                yield RawImage(key, uri, path=path)
     else:
         raise ValueError(f"unknown shard kind {shard.kind!r}")
+
+
+def _too_many_bytes(size: int, max_bytes: int) -> tuple[str, str]:
+    return ("too_large", f"{size} bytes exceeds the limit of {max_bytes} for one image "
+            "(derived from --max-image-pixels); not read")
 
 
 def _archive_key(shard: ShardSpec) -> str:
     return shard.paths[0].rsplit("/", 1)[-1]
 
 
-def _iter_tar(shard: ShardSpec, fs: Any) -> Iterator[RawImage]:
+def _iter_tar(shard: ShardSpec, fs: Any, max_bytes: int | None) -> Iterator[RawImage]:
     path = shard.paths[0]
     seen: set[str] = set()
     with retry(lambda: fs.open(path, "rb", block_size=TAR_BLOCK_BYTES), f"open {path}") as f:
         try:
             with tarfile.open(fileobj=f, mode="r|") as archive:
                 for member in archive:
-                    item = _tar_item(archive, member, shard, seen)
+                    item = _tar_item(archive, member, shard, seen, max_bytes)
                     if item is not None:
                         yield item
                 end = archive.offset
@@ -96,7 +112,7 @@ def _ends_cleanly(f: Any, offset: int) -> bool:
 
 
 def _tar_item(archive: tarfile.TarFile, member: tarfile.TarInfo, shard: ShardSpec,
-              seen: set[str]) -> RawImage | None:
+              seen: set[str], max_bytes: int | None = None) -> RawImage | None:
     """A tar member as a RawImage, or None for non-image members (json, txt, dirs...)."""
     name = member.name
     if not member.isfile() or not name.lower().endswith(IMAGE_EXTENSIONS):
@@ -109,6 +125,8 @@ def _tar_item(archive: tarfile.TarFile, member: tarfile.TarInfo, shard: ShardSpe
         n += 1
         key = f"{base}~{n}"
     seen.add(key)
+    if max_bytes is not None and member.size > max_bytes:  # skipped unread by the stream
+        return RawImage(key, shard.source_uri, error=_too_many_bytes(member.size, max_bytes))
     handle = archive.extractfile(member)
     data = handle.read() if handle is not None else b""
     return RawImage(key, shard.source_uri, data=data)

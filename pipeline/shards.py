@@ -40,6 +40,7 @@ class ShardSpec:
         keys: for ``images``, the key of each path (path relative to the input root).
         source_uri: URI of the shard file, or the input root for image groups.
         fingerprint: changes when the shard's input changes (paths and sizes).
+        sizes: for ``images``, the byte size of each path from the listing.
     """
 
     shard_id: str
@@ -48,6 +49,7 @@ class ShardSpec:
     keys: tuple[str, ...]
     source_uri: str
     fingerprint: str
+    sizes: tuple[int, ...] = ()
 
 
 def list_shards(io: IOConfig) -> list[ShardSpec]:
@@ -146,7 +148,8 @@ def _image_groups(fs: Any, base: str, paths: list[str], sizes: dict[str, int],
         listing = "\n".join(f"{k}:{sizes.get(p, 0)}" for k, p in zip(keys, group, strict=True))
         fingerprint = _hash(listing)
         shards.append(ShardSpec(f"images-{index:06d}", "images", group, keys,
-                                printable(uri_of(fs, base)), fingerprint))
+                                printable(uri_of(fs, base)), fingerprint,
+                                tuple(sizes.get(p, 0) for p in group)))
     return shards
 
 

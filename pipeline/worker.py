@@ -24,7 +24,7 @@ from typing import Any
 from PIL import Image
 
 from .config import ComputeConfig, IOConfig
-from .decode import DecodedImage, decode_image
+from .decode import DecodedImage, decode_image, max_encoded_bytes
 from .encode import failure_row, result_to_row
 from .engine import EngineSpec, build_engine, choose_device
 from .readers import RawImage, iter_raw_images
@@ -145,7 +145,8 @@ class LabelWorker:
         engine_before = self.engine_seconds
         self._beat(shard.shard_id)
         items = iter_raw_images(shard, self._in_fs, self.spec.io.image_column,
-                                self.spec.io.id_column)
+                                self.spec.io.id_column,
+                                max_encoded_bytes(self.spec.io.max_image_pixels))
         if max_images is not None:
             items = islice(items, max_images + 1)
         try:

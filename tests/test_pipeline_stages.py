@@ -284,6 +284,30 @@ def test_undecodable_names_and_odd_decoder_failures_are_rows_not_failed_shards(
     assert decoded.status == "decode_error" and "unpack requires" in decoded.error
 
 
+def test_objects_too_big_to_be_an_allowed_image_are_not_read(tmp_path, vocab_file):
+    from pipeline.decode import max_encoded_bytes
+
+    limit = max_encoded_bytes(1000)  # --max-image-pixels 1000
+    big = os.urandom(limit + 1)
+    small = encode(photo("coffee", 24))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.tar").write_bytes(tar_bytes({"big.png": big, "ok.png": small}))
+    worker = _worker(tmp_path, vocab_file)
+    worker.spec = dataclasses.replace(
+        worker.spec, io=dataclasses.replace(worker.spec.io, max_image_pixels=1000))
+    worker.process_shard(list_shards(worker.spec.io)[0])
+    rows = read_label_table(str(tmp_path / "out" / "labels" / "a.parquet"))[0].to_pylist()
+    assert [(r["key"], r["status"]) for r in rows] == [("big", "too_large"), ("ok", "ok")]
+    assert f"{limit + 1} bytes exceeds the limit of {limit}" in rows[0]["error"]
+    (tmp_path / "in" / "a.tar").unlink()
+    (tmp_path / "in" / "big.png").write_bytes(big)
+    (tmp_path / "in" / "ok.png").write_bytes(small)
+    shard = list_shards(worker.spec.io)[0]
+    items = list(iter_raw_images(shard, worker._in_fs, max_bytes=limit))
+    assert items[0].error[0] == "too_large" and items[0].path is None
+    assert items[1].error is None and items[1].load(worker._in_fs) == small
+
+
 def test_damaged_parquet_pages_end_the_shard_with_an_error_row(tmp_path, vocab_file):
     (tmp_path / "in").mkdir()
     blobs = [encode(photo("coins", 24 + i % 8)) for i in range(64)]
