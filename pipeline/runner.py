@@ -3,8 +3,9 @@
 The driver keeps at most ``shards_per_actor`` shards in flight per actor and waits on them
 with ``ray.wait``. A shard whose actor died, or whose task raised, is retried up to
 ``max_attempts`` times; a retried shard runs alone on an idle actor, so a second death is
-attributed to it alone. Dead actors are replaced. Shards that keep failing are listed in
-``run.json`` and the run ends ``incomplete`` (exit code 3). ``ray.init`` is the caller's job.
+attributed to it alone (one busy actor gets no new shards until it is idle for it). Dead
+actors are replaced. Shards that keep failing are listed in ``run.json`` and the run ends
+``incomplete`` (exit code 3). ``ray.init`` is the caller's job.
 
 A watchdog polls the workers' shard heartbeats; a shard in which nothing has finished for
 ``stall_timeout_s`` (a hung accelerator call, a storage read that never returns, a worker
@@ -183,6 +184,7 @@ class Scheduler:
         self.max_replacements = len(pool.actors) * compute.max_attempts * 2
         self.budget = plan.job.io.limit
         self.dead: set[int] = set()  # slots whose worker was not replaced (run abandoned)
+        self.draining: int | None = None  # slot left to empty for a waiting retry
         self.abandoned: str | None = None
         self.interval = compute.progress_interval_s
         self.stall_timeout = compute.stall_timeout_s
@@ -272,6 +274,7 @@ class Scheduler:
         return len(self.fresh) + len(self.retries)
 
     def _submit(self) -> None:
+        self._choose_draining()
         for slot in range(len(self.pool.actors)):
             if slot in self.dead:
                 continue
@@ -281,12 +284,25 @@ class Scheduler:
                     break
                 self._launch(slot, task)
 
+    def _choose_draining(self) -> None:
+        """With retries waiting and no idle worker, stop feeding the least loaded worker so
+        that it soon runs a retry alone (instead of every retry waiting for the end)."""
+        live = [s for s in range(len(self.pool.actors)) if s not in self.dead]
+        if not self.retries or not live:
+            self.draining = None
+        elif self.draining is None or self.draining in self.dead:
+            self.draining = min(live, key=lambda s: self.load[s])
+
     def _next_task(self, slot: int) -> _Task | None:
         if self.budget is not None and self.budget <= 0:
             return None
         if self.retries and self.load[slot] == 0:
             self.solo.add(slot)
+            if slot == self.draining:
+                self.draining = None
             return self.retries.popleft()
+        if slot == self.draining:
+            return None
         return self.fresh.popleft() if self.fresh else None
 
     def _launch(self, slot: int, task: _Task) -> None:

@@ -537,6 +537,45 @@ def test_progress_lines_count_images_and_do_not_repeat_on_force():
     assert totals["images"] == 8 and totals["images_ok"] == 6 and totals["shards"] == 3
 
 
+def test_waiting_retry_gets_a_worker_before_the_fresh_shards_run_out():
+    from types import SimpleNamespace
+
+    from pipeline.runner import Scheduler, _Task
+
+    class Actor:
+        def __init__(self, slot: int) -> None:
+            self.process_shard = SimpleNamespace(
+                remote=lambda shard, cap, slot=slot: (slot, shard.shard_id))
+
+    spec = lambda i: ShardSpec(f"s{i}", "webdataset", (f"s{i}.tar",), (), "u", "fp")  # noqa: E731
+    plan = SimpleNamespace(todo=[spec(i) for i in range(20)],
+                           job=SimpleNamespace(compute=ComputeConfig(), io=IOConfig("i", "o")))
+    pool = SimpleNamespace(actors=[Actor(0), Actor(1)], generation=[0, 0])
+    scheduler = Scheduler(pool, plan, progress=None)
+    scheduler._submit()
+    assert scheduler.load == [2, 2] and len(scheduler.fresh) == 16
+
+    def finish(slot: int) -> None:  # one shard of this worker completes
+        ref = next(r for r, run in scheduler.running.items() if run.slot == slot)
+        scheduler.running.pop(ref)
+        scheduler.load[slot] -= 1
+        scheduler.solo.discard(slot)
+
+    scheduler.retries.append(_Task(spec(99), attempt=1))
+    finish(1)
+    scheduler._submit()  # the retry is waiting: one worker stops taking fresh shards
+    drained = scheduler.draining
+    assert drained is not None and len(scheduler.fresh) == 16 - (drained == 0)
+    for _ in range(scheduler.load[drained]):  # its shards in flight finish, no new ones
+        assert len(scheduler.fresh) == 16 - (drained == 0) and scheduler.retries
+        finish(drained)
+        scheduler._submit()
+    running = [run.task.shard.shard_id for run in scheduler.running.values()
+               if run.slot == drained]
+    assert running == ["s99"] and drained in scheduler.solo and scheduler.fresh
+    assert scheduler.draining is None
+
+
 def test_job_logs_library_errors_as_one_line():
     import logging
 
