@@ -124,21 +124,20 @@ def finalize(logits_small: torch.Tensor, out_hw: tuple[int, int], ranges: list[t
     q, h, w = logits_small.shape
     height, width = out_hw
     device = logits_small.device
-    # Separable bilinear resize: columns once, rows band by band. A side that already has
-    # the output size is left alone (the resampling matrix would be the identity).
-    wide = logits_small if w == width else logits_small @ resize_matrix(width, w, device).T
+    # Separable bilinear resize, band by band of output rows: rows first (from the small
+    # map), then columns, so no tensor ever holds more than one band at the output width.
+    # An axis that already has the output size is left alone (its matrix is the identity).
     rows_m = None if h == height else resize_matrix(height, h, device)
-    if rows_m is not None:  # [h, Q * W], laid out once so that every band is one matmul
-        wide = wide.permute(1, 0, 2).reshape(h, q * width)
+    cols_t = None if w == width else resize_matrix(width, w, device).T  # [w, W]
+    by_row = logits_small.permute(1, 0, 2).reshape(h, q * w)  # [h, Q * w], small
     band = height if keep_full else max(1, BAND_ELEMENTS // max(1, q * width))
     labels = torch.empty(out_hw, dtype=torch.long, device=device)
     score_sum = torch.zeros(len(ranges), dtype=torch.float64, device=device)
     full_logits, full_probs = [], []
     for y0 in range(0, height, band):
-        if rows_m is None:
-            part = wide[:, y0:y0 + band]
-        else:
-            part = (rows_m[y0:y0 + band] @ wide).reshape(-1, q, width).permute(1, 0, 2)
+        rows = by_row[y0:y0 + band] if rows_m is None else rows_m[y0:y0 + band] @ by_row
+        rows = rows.reshape(-1, q, w)  # [band, Q, w]
+        part = (rows if cols_t is None else rows @ cols_t).permute(1, 0, 2)  # [Q, band, W]
         probs = max_over_synonyms(torch.softmax(part * logit_scale, dim=0), ranges)
         best_prob, best = probs.max(0)
         best[best_prob < prob_thd] = 0
