@@ -305,10 +305,17 @@ class Scheduler:
             return None
         return self.fresh.popleft() if self.fresh else None
 
+    def _free_capacity(self) -> int:
+        """Shards that could be launched right now (for sharing the --limit budget)."""
+        return sum(max(0, self.per_actor - self.load[s]) for s in range(len(self.load))
+                   if s not in self.dead and s not in self.solo and s != self.draining)
+
     def _launch(self, slot: int, task: _Task) -> None:
-        cap = self.budget  # --limit: a shard may use what is left, or all it has if known
+        cap = self.budget  # --limit: what is left, shared with the shards that can start now
         if cap is not None and task.shard.kind == "images":
             cap = min(cap, len(task.shard.paths))
+        elif cap is not None:  # size unknown until read; unused budget comes back
+            cap = -(-cap // max(1, self._free_capacity()))
         if cap is not None:
             self.budget -= cap
         ref = self.pool.actors[slot].process_shard.remote(task.shard, cap)

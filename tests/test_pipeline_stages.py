@@ -576,6 +576,25 @@ def test_waiting_retry_gets_a_worker_before_the_fresh_shards_run_out():
     assert scheduler.draining is None
 
 
+def test_limit_budget_is_shared_by_the_shards_that_start_together():
+    from types import SimpleNamespace
+
+    from pipeline.runner import Scheduler
+
+    class Actor:
+        process_shard = SimpleNamespace(remote=lambda shard, cap: object())
+
+    spec = lambda i: ShardSpec(f"s{i}", "parquet", (f"s{i}.pq",), (), "u", "fp")  # noqa: E731
+    plan = SimpleNamespace(todo=[spec(i) for i in range(9)],
+                           job=SimpleNamespace(compute=ComputeConfig(),
+                                               io=IOConfig("i", "o", limit=5)))
+    scheduler = Scheduler(SimpleNamespace(actors=[Actor(), Actor()], generation=[0, 0]),
+                          plan, progress=None)
+    scheduler._submit()
+    caps = sorted(run.cap for run in scheduler.running.values())
+    assert caps == [1, 1, 1, 2] and scheduler.budget == 0 and len(scheduler.fresh) == 5
+
+
 def test_job_logs_library_errors_as_one_line():
     import logging
 
