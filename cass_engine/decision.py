@@ -101,6 +101,29 @@ def resize_matrix(out_size: int, in_size: int, device: torch.device) -> torch.Te
     return F.interpolate(eye, size=out_size, mode="linear", align_corners=False)[0].T
 
 
+def bilinear_taps(out_size: int, in_size: int, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(first, second, weight)`` per output index: bilinear (align_corners=False) resampling
+    is ``x[first] * (1 - weight) + x[second] * weight``, with F.interpolate's own weights."""
+    matrix = resize_matrix(out_size, in_size, device)  # at most two non-zeros per row
+    weights, index = matrix.topk(min(2, in_size), dim=1)
+    first, second = index.min(1).values, index.max(1).values
+    weight = matrix.gather(1, second[:, None])[:, 0]
+    weight = torch.where(first == second, torch.zeros_like(weight), weight)
+    return first, second, weight
+
+
+def _blend(x: torch.Tensor, taps: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+           rows: slice, dim: int) -> torch.Tensor:
+    """Resample ``x`` along ``dim`` at output positions ``rows`` of ``taps``."""
+    first, second, weight = (t[rows] for t in taps)
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    weight = weight.view(shape)
+    return (x.index_select(dim, first) * (1 - weight)
+            + x.index_select(dim, second) * weight)
+
+
 @dataclass
 class Decision:
     """Per-image outputs of ``finalize``; see ``SegmentationResult`` for the meaning."""
@@ -124,20 +147,21 @@ def finalize(logits_small: torch.Tensor, out_hw: tuple[int, int], ranges: list[t
     q, h, w = logits_small.shape
     height, width = out_hw
     device = logits_small.device
-    # Separable bilinear resize, band by band of output rows: rows first (from the small
-    # map), then columns, so no tensor ever holds more than one band at the output width.
-    # An axis that already has the output size is left alone (its matrix is the identity).
-    rows_m = None if h == height else resize_matrix(height, h, device)
-    cols_t = None if w == width else resize_matrix(width, w, device).T  # [w, W]
-    by_row = logits_small.permute(1, 0, 2).reshape(h, q * w)  # [h, Q * w], small
+    # Separable bilinear resize, band by band of output rows: each output row and column
+    # blends two source taps (F.interpolate's weights), so the work and memory per band are
+    # O(Q x band x W) and nothing ever holds a full [Q, H, W] unless it was asked for.
+    rows_t = None if h == height else bilinear_taps(height, h, device)
+    cols_t = None if w == width else bilinear_taps(width, w, device)
+    by_row = logits_small.permute(1, 0, 2)  # [h, Q, w]
     band = height if keep_full else max(1, BAND_ELEMENTS // max(1, q * width))
     labels = torch.empty(out_hw, dtype=torch.long, device=device)
     score_sum = torch.zeros(len(ranges), dtype=torch.float64, device=device)
     full_logits, full_probs = [], []
     for y0 in range(0, height, band):
-        rows = by_row[y0:y0 + band] if rows_m is None else rows_m[y0:y0 + band] @ by_row
-        rows = rows.reshape(-1, q, w)  # [band, Q, w]
-        part = (rows if cols_t is None else rows @ cols_t).permute(1, 0, 2)  # [Q, band, W]
+        rows = (by_row[y0:y0 + band] if rows_t is None
+                else _blend(by_row, rows_t, slice(y0, y0 + band), dim=0))  # [band, Q, w]
+        part = rows if cols_t is None else _blend(rows, cols_t, slice(None), dim=2)
+        part = part.permute(1, 0, 2)  # [Q, band, W]
         probs = max_over_synonyms(torch.softmax(part * logit_scale, dim=0), ranges)
         best_prob, best = probs.max(0)
         best[best_prob < prob_thd] = 0

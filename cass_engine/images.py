@@ -19,13 +19,14 @@ def to_uint8_chw(image: object) -> torch.Tensor:
     """Convert an RGB image to a ``[3, H, W]`` uint8 tensor (no copy when already one).
 
     Accepts ``[H, W, 3]`` uint8 numpy arrays, ``[3, H, W]`` uint8 tensors and PIL images (any
-    mode, converted to RGB).
+    mode, converted to RGB as :func:`load_image` does: EXIF orientation, alpha on white,
+    16-bit scaled).
 
     Raises:
         ImageInputError: anything else, or an image smaller than 16 pixels on a side.
     """
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, Image.Image):  # same conversion as load_image
+        image = np.asarray(_to_rgb(ImageOps.exif_transpose(image)))
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ImageInputError(

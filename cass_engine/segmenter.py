@@ -22,7 +22,7 @@ from .decision import (
     group_membership,
     max_over_synonyms,
 )
-from .images import to_uint8_chw
+from .images import MIN_SIDE, ImageInputError, to_uint8_chw
 from .pamr import pamr
 from .preprocess import (
     clip_normalize,
@@ -129,6 +129,10 @@ class CassSegmenter:
             vocabulary = vocabulary or self.config.load_vocabulary()
             text_embeddings = compute_text_embeddings(
                 self.clip, vocabulary, self.cache_dir, use_cache, self.text_weights_hash())
+        elif text_embeddings.text_weights_hash != self.text_weights_hash():
+            raise ValueError("the text embeddings were computed with other CLIP text weights "
+                             f"({text_embeddings.text_weights_hash[:12]}...) than this "
+                             f"engine's ({self.text_weights_hash()[:12]}...)")
         self._text = text_embeddings
         groups = torch.from_numpy(text_embeddings.groups(self.config.h_threshold))
         self._queries = text_embeddings.queries.to(self.device)
@@ -154,8 +158,14 @@ class CassSegmenter:
             self.set_vocabulary()
         cfg = self.config
         originals = [to_uint8_chw(image).to(self.device) for image in images]
-        resized = [resize_uint8(im, resized_hw(*im.shape[-2:], cfg.short_side, cfg.max_long_side))
-                   for im in originals]
+        sizes = [resized_hw(*im.shape[-2:], cfg.short_side, cfg.max_long_side)
+                 for im in originals]
+        for im, size in zip(originals, sizes, strict=True):
+            if min(size) < MIN_SIDE:
+                raise ImageInputError(
+                    f"image {tuple(im.shape[-2:])} is too elongated: resized to {size} (long "
+                    f"side at most {cfg.max_long_side}) it is under {MIN_SIDE} pixels across")
+        resized = [resize_uint8(im, size) for im, size in zip(originals, sizes, strict=True)]
         crops = [_Crop(i, box) for i, im in enumerate(resized)
                  for box in crop_boxes(*im.shape[-2:], cfg.slide_crop, cfg.slide_stride)]
         image_prior = self._image_priors(resized)

@@ -7,8 +7,11 @@ changes no output value and removes most of the work (prompts are ~10 tokens of 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,13 +147,17 @@ def _read_cache(path: Path, num_queries: int) -> torch.Tensor | None:
 
 
 def _write_cache(path: Path, queries: torch.Tensor) -> None:
+    """Best effort: a cache that cannot be written (read-only, full) only costs recomputation.
+    The temporary name is unique across hosts, processes and threads sharing the folder."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save(queries.contiguous(), tmp)
         tmp.replace(path)
-    except OSError:
-        pass  # a read-only cache only costs recomputation
+    except Exception as exc:  # noqa: BLE001 - torch.save raises RuntimeError for I/O errors
+        warnings.warn(f"text embeddings not cached in {path.parent}: {exc}", stacklevel=3)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def ward_groups(queries: torch.Tensor, h_threshold: float) -> np.ndarray:

@@ -32,14 +32,14 @@ def mask_to_rle(mask: np.ndarray) -> dict:
     """Encode one binary mask as COCO compressed RLE.
 
     Args:
-        mask: ``[H, W]`` array, bool or any integer type (non-zero = inside).
+        mask: ``[H, W]`` array of any numeric or bool type (non-zero = inside).
 
     Returns:
         ``{"size": [H, W], "counts": str}``.
     """
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D [H, W], got shape {mask.shape}")
-    rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8, copy=False)))
+    rle = coco_mask.encode(np.asfortranarray((mask != 0).astype(np.uint8)))
     return _clean_rle(rle)
 
 

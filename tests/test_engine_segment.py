@@ -133,8 +133,48 @@ def test_bad_images_raise_clear_errors(segmenter):
     from cass_engine import ImageInputError
     with pytest.raises(ImageInputError, match="uint8"):
         segmenter.segment([np.zeros((50, 50, 3), dtype=np.float32)])
+    with pytest.raises(ImageInputError, match="too elongated"):  # 16 x 2400 -> 14 x 2048
+        segmenter.segment([np.zeros((16, 2400, 3), dtype=np.uint8)])
     with pytest.raises(ImageInputError, match="smaller"):
         segmenter.segment([np.zeros((8, 50, 3), dtype=np.uint8)])
+
+
+def test_shared_text_embeddings_must_come_from_the_same_text_weights(segmenter):
+    import dataclasses
+
+    own = segmenter.text_embeddings
+    other = dataclasses.replace(own, text_weights_hash="0" * 64)
+    with pytest.raises(ValueError, match="other CLIP text weights"):
+        segmenter.set_vocabulary(text_embeddings=other)
+    assert segmenter.set_vocabulary(text_embeddings=own) is own
+
+
+def test_pil_images_are_converted_like_image_files():
+    from PIL import Image
+
+    from cass_engine.images import to_uint8_chw
+
+    clear = Image.new("RGBA", (20, 18), (10, 200, 30, 0))  # fully transparent
+    assert to_uint8_chw(clear).unique().tolist() == [255]  # composited on white
+    deep = Image.fromarray(np.linspace(0, 65535, 20 * 18).reshape(18, 20).astype(np.uint16))
+    assert len(to_uint8_chw(deep)[0].unique()) > 200  # 16-bit scaled, not clipped
+    turned = Image.new("RGB", (30, 20))
+    exif = turned.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    turned.info["exif"] = exif.tobytes()
+    buffer = __import__("io").BytesIO()
+    turned.save(buffer, format="JPEG", exif=exif.tobytes())
+    assert tuple(to_uint8_chw(Image.open(buffer)).shape) == (3, 30, 20)
+
+
+def test_text_cache_that_cannot_be_written_only_warns(tmp_path):
+    from cass_engine.text import _write_cache
+
+    blocked = tmp_path / "file"
+    blocked.write_text("x")  # a file where the cache folder should be
+    with pytest.warns(UserWarning, match="not cached"):
+        _write_cache(blocked / "cache" / "q.pt", torch.zeros(3, 4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_import_loads_no_pipeline_dependencies():

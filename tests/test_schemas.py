@@ -253,3 +253,13 @@ def test_schemas_import_no_torch_or_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_mask_to_rle_treats_every_non_zero_value_as_inside():
+    from schemas.masks import mask_to_rle, rle_to_mask
+
+    for inside in (256, 0.5, -1, True):
+        mask = np.zeros((4, 5), dtype=np.asarray(inside).dtype)
+        mask[1:3, 2] = inside
+        decoded = rle_to_mask(mask_to_rle(mask))
+        assert decoded.sum() == 2 and decoded[1, 2] and decoded[2, 2], inside
