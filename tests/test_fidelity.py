@@ -41,7 +41,9 @@ def _engine(models, preset: str, **overrides) -> tuple[CassSegmenter, TextEmbedd
     vocab = cfg.load_vocabulary()
     queries = embed_queries(clip, vocab.query_words, OPENAI_IMAGENET_TEMPLATES[:2]).cpu()
     seg = CassSegmenter(clip, dino, cfg, torch.device("cpu"))
-    emb = seg.set_vocabulary(text_embeddings=TextEmbeddings(vocab, queries, "test"))
+    # two templates keep the test fast; the embeddings still come from this CLIP's text tower
+    emb = seg.set_vocabulary(text_embeddings=TextEmbeddings(vocab, queries,
+                                                            seg.text_weights_hash()))
     return seg, emb
 
 
