@@ -9,6 +9,7 @@ Rows are streamed shard by shard, so memory stays bounded on large outputs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 
@@ -39,16 +40,27 @@ def export(labels_uri: str, out_uri: str, storage_options: dict | None = None) -
             "vocabulary_hash": record.get("vocabulary_hash"),
             "preset": record.get("preset"), "schema_version": record.get("schema_version")}
     rows = iter_label_rows(labels_uri, storage_options, columns=COCO_COLUMNS)
-    with fsspec.open(out_uri, "w", encoding="utf-8", **(storage_options or {})) as fp:
-        return write_coco_json(rows, categories, fp, info=info)
+    fs, path = fsspec.core.url_to_fs(out_uri, **(storage_options or {}))
+    partial = f"{path}.partial"  # the file appears whole or not at all
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+    try:
+        with fs.open(partial, "w", encoding="utf-8") as fp:
+            counts = write_coco_json(rows, categories, fp, info=info)
+        fs.mv(partial, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(partial)
+        raise
+    return counts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         counts = export(args.labels, args.out, args.storage_options)
-    except (FileNotFoundError, PermissionError) as exc:
-        print(f"export_coco.py: error: {exc}", file=sys.stderr)
+    except (OSError, ValueError, KeyError) as exc:  # missing/unreadable output, bad run.json
+        print(f"export_coco.py: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {counts['images']} images, {counts['annotations']} annotations "
           f"to {args.out}")

@@ -450,6 +450,29 @@ def test_regrouped_image_files_are_labelled_once(tmp_path, vocab_file):
     assert keys == [f"im{i}.png" for i in range(4)]
 
 
+def test_coco_export_is_written_whole_or_not_at_all(tmp_path, vocab_file, monkeypatch, capsys):
+    from pycocotools.coco import COCO
+
+    from jobs import export_coco
+
+    _write_images(tmp_path / "in", ["a.png", "b.png"])
+    _label_all(tmp_path, vocab_file)  # run.json is written by the plan
+    out = tmp_path / "coco" / "labels.json"
+    assert export_coco.main(["--labels", str(tmp_path / "out"), "--out", str(out)]) == 0
+    assert len(COCO(str(out)).dataset["images"]) == 2
+
+    def broken(rows, categories, fp, info=None):
+        fp.write('{"images": [')
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_coco, "write_coco_json", broken)
+    again = tmp_path / "coco" / "again.json"
+    assert export_coco.main(["--labels", str(tmp_path / "out"), "--out", str(again)]) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "coco").iterdir()) == ["labels.json"]
+    assert export_coco.main(["--labels", str(tmp_path / "nowhere"), "--out", str(again)]) == 2
+
+
 def test_local_writes_are_all_or_nothing(tmp_path, monkeypatch):
     import fsspec
 
