@@ -101,6 +101,7 @@ def plan_job(job: JobConfig) -> JobPlan:
     record = new_record(identity, fingerprint, categories, vocabulary, job.io.public_dict(),
                         compute)
     record["stale_shards"] = stale
+    record["vocabulary_repeats"] = vocabulary.duplicate_queries()
     if existing and not job.io.overwrite:
         record["previous_runs"] = _history(existing)
         # the weight hashes the output was labelled with stay on record until a worker has

@@ -68,6 +68,10 @@ def execute_plan(plan: JobPlan, emit: Callable[[str], None] = emit_stderr) -> Ru
     progress = Progress(len(plan.todo), len(plan.skipped), job.compute.progress_interval_s, emit)
     emit(f"[cass-label] {len(plan.shards)} shard(s) in {public_uri(job.io.input_uri)}: "
          f"{len(plan.todo)} to label, {len(plan.skipped)} already done")
+    repeats = plan.record.get("vocabulary_repeats") or []
+    if repeats:
+        emit(f"[cass-label] warning: the vocabulary lists {', '.join(map(repr, repeats[:5]))} "
+             "more than once; classes sharing a word get identical scores for it")
     stale = plan.record.get("stale_shards") or {}
     if stale.get("removed"):
         emit(f"[cass-label] the image files changed since the last run: removed "

@@ -377,6 +377,13 @@ def test_storage_backend_not_installed_is_a_clear_startup_error(tmp_path, vocab_
         plan_job(job)
 
 
+def test_repeated_vocabulary_words_are_recorded(tmp_path):
+    _write_images(tmp_path / "in", ["a.png"])
+    vocab = write_vocabulary(tmp_path / "v.txt", ["cat, kitty", "dog", "kitty", "bed", "bed"])
+    plan = plan_job(_job(tmp_path, vocab))
+    assert plan.record["vocabulary_repeats"] == ["kitty", "bed"]
+
+
 def test_plan_refuses_to_mix_vocabularies_unless_overwrite(tmp_path, vocab_file):
     _write_images(tmp_path / "in", ["a.png"])
     plan = plan_job(_job(tmp_path, vocab_file))
