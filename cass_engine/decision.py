@@ -106,7 +106,7 @@ def bilinear_taps(out_size: int, in_size: int, device: torch.device
     """``(first, second, weight)`` per output index: bilinear (align_corners=False) resampling
     is ``x[first] * (1 - weight) + x[second] * weight``, with F.interpolate's own weights."""
     matrix = resize_matrix(out_size, in_size, device)  # at most two non-zeros per row
-    weights, index = matrix.topk(min(2, in_size), dim=1)
+    _, index = matrix.topk(min(2, in_size), dim=1)
     first, second = index.min(1).values, index.max(1).values
     weight = matrix.gather(1, second[:, None])[:, 0]
     weight = torch.where(first == second, torch.zeros_like(weight), weight)

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from pipeline.config import storage_options_argument
+from pipeline.storage import is_local
 from schemas import write_coco_json
 from schemas.io import iter_label_rows, read_run_record, record_categories
 
@@ -42,7 +43,7 @@ def export(labels_uri: str, out_uri: str, storage_options: dict | None = None) -
     rows = iter_label_rows(labels_uri, storage_options, columns=COCO_COLUMNS)
     fs, path = fsspec.core.url_to_fs(out_uri, **(storage_options or {}))
     partial = f"{path}.partial"  # the file appears whole or not at all
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if is_local(fs):
         fs.makedirs(fs._parent(path), exist_ok=True)
     try:
         with fs.open(partial, "w", encoding="utf-8") as fp:

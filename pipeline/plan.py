@@ -92,10 +92,10 @@ def plan_job(job: JobConfig) -> JobPlan:
     fingerprint = fingerprint_of(identity)
     shards = _list_input(job.io)
     out_fs, out_root = _output(job.io)
-    existing = _check_output(job.io, out_fs, out_root, identity, fingerprint)
-    stale = _retire_stale_groups(job.io, out_fs, out_root, shards)
-    skipped = shards_to_skip(out_fs, out_root, job.io.output_uri, job.io.storage_options,
-                             shards, fingerprint)
+    existing, done = _check_output(job.io, out_fs, out_root, identity, fingerprint)
+    stale = _retire_stale_groups(job.io, out_fs, out_root, shards, done)
+    skipped = shards_to_skip(out_fs, out_root, shards, done - set(stale["removed"]),
+                             fingerprint)
     categories = categories_from_classes(vocabulary.classes)
     compute = dataclasses.asdict(job.compute)
     record = new_record(identity, fingerprint, categories, vocabulary, job.io.public_dict(),
@@ -144,7 +144,9 @@ def _output(io: IOConfig) -> tuple[Any, str]:
 
 
 def _check_output(io: IOConfig, fs: Any, root: str, identity: dict,
-                  fingerprint: str) -> dict | None:
+                  fingerprint: str) -> tuple[dict | None, set[str]]:
+    """The output's run record and its completed shard ids, after the mixing checks (and
+    the clearing of ``--overwrite``)."""
     try:
         existing = _guarded(lambda: read_existing_record(fs, root), "read the output",
                             io.output_uri)
@@ -154,17 +156,18 @@ def _check_output(io: IOConfig, fs: Any, root: str, identity: dict,
         existing = None
     if io.overwrite:
         _guarded(lambda: clear_output(fs, root), "clear the output", io.output_uri)
-        return existing
-    has_shards = bool(completed_shards(io.output_uri, io.storage_options))
+        return existing, set()
+    done = set(_guarded(lambda: completed_shards(io.output_uri, io.storage_options),
+                        "list the completed shards of", io.output_uri))
     try:
-        check_compatible(existing, identity, fingerprint, has_shards)
+        check_compatible(existing, identity, fingerprint, bool(done))
     except OutputConflict as exc:
         raise StartupError(f"refusing to write to {io.output_uri}: {exc}") from exc
-    return existing
+    return existing, done
 
 
-def _retire_stale_groups(io: IOConfig, fs: Any, root: str,
-                         shards: list[ShardSpec]) -> dict[str, list[str]]:
+def _retire_stale_groups(io: IOConfig, fs: Any, root: str, shards: list[ShardSpec],
+                         done: set[str]) -> dict[str, list[str]]:
     """Done shards of the output that the input no longer has.
 
     Groups of image files are positional: after files were added, removed or
@@ -173,8 +176,6 @@ def _retire_stale_groups(io: IOConfig, fs: Any, root: str,
     (first) and table are removed. Other stale shards (an input file that is gone) are kept and
     listed.
     """
-    done = set(_guarded(lambda: completed_shards(io.output_uri, io.storage_options),
-                        "list the completed shards of", io.output_uri))
     stale = sorted(done - {s.shard_id for s in shards})
     grouped = shards[0].kind == "images"
     removed = [sid for sid in stale if grouped and IMAGE_GROUP_ID.fullmatch(sid)]

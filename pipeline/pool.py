@@ -18,7 +18,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError
 
 from .plan import JobPlan, StartupError
-from .record import OutputConflict, check_same_weights, weight_differences
+from .record import OutputConflict, check_same_weights
 from .worker import LabelWorker, WorkerSpec
 
 
@@ -95,13 +95,7 @@ class WorkerPool:
         try:
             self._embeddings = self.actors[0].compute_text_embeddings.remote()
             self.infos = ray.get([a.describe.remote() for a in self.actors], timeout=left())
-            models = self.infos[0]["weights_info"]
-            for info in self.infos[1:]:
-                if weight_differences(models, info["weights_info"]):
-                    raise OutputConflict(
-                        f"workers on {self.infos[0]['host']} and {info['host']} loaded different "
-                        f"weights ({', '.join(weight_differences(models, info['weights_info']))})"
-                        "; the staged copies of the weight files differ between nodes")
+            models = self.infos[0]["weights_info"]  # every worker checks its own in prepare()
             check_same_weights(self.plan.existing if not self.plan.job.io.overwrite else None,
                                models)
             self._metadata = self.plan.file_metadata(models)

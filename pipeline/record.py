@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from schemas import SCHEMA_VERSION, Category
-from schemas.io import DONE_DIR, LABELS_DIR, completed_shards, done_path, run_record_path
+from schemas.io import DONE_DIR, LABELS_DIR, done_path, run_record_path
 
 from .shards import ShardSpec
 from .storage import exists, put_bytes, read_bytes, remove_tree, retry
@@ -139,10 +139,10 @@ def clear_output(fs: Any, root: str) -> None:
         remove_tree(fs, f"{root}/{name}")
 
 
-def shards_to_skip(fs: Any, root: str, output_uri: str, storage_options: Mapping,
-                   shards: Iterable[ShardSpec], fingerprint: str) -> dict[str, dict]:
-    """Completion records of shards that are done with the same input and fingerprint."""
-    done = set(completed_shards(output_uri, storage_options))
+def shards_to_skip(fs: Any, root: str, shards: Iterable[ShardSpec], done: set[str],
+                   fingerprint: str) -> dict[str, dict]:
+    """Completion records of shards that are done (``done``: ids with a completion record)
+    with the same input and fingerprint."""
     wanted = {s.shard_id: s for s in shards if s.shard_id in done}
     if not wanted:
         return {}

@@ -19,7 +19,7 @@ import dataclasses
 import resource
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,17 +70,16 @@ def execute_plan(plan: JobPlan, emit: Callable[[str], None] = emit_stderr) -> Ru
          f"{len(plan.todo)} to label, {len(plan.skipped)} already done")
     repeats = plan.record.get("vocabulary_repeats") or []
     if repeats:
-        emit(f"[cass-label] warning: the vocabulary lists {', '.join(map(repr, repeats[:5]))} "
-             "more than once; classes sharing a word get identical scores for it")
+        emit(f"[cass-label] warning: the vocabulary lists {_first(map(repr, repeats))} more "
+             "than once; classes sharing a word get identical scores for it")
     stale = plan.record.get("stale_shards") or {}
     if stale.get("removed"):
         emit(f"[cass-label] the image files changed since the last run: removed "
              f"{len(stale['removed'])} done group(s) beyond the new listing "
-             f"({', '.join(stale['removed'][:5])}{', ...' if len(stale['removed']) > 5 else ''})")
+             f"({_first(stale['removed'])})")
     if stale.get("kept"):
         emit(f"[cass-label] warning: {len(stale['kept'])} done shard(s) in the output are no "
-             f"longer in the input (kept): {', '.join(stale['kept'][:5])}"
-             f"{', ...' if len(stale['kept']) > 5 else ''}")
+             f"longer in the input (kept): {_first(stale['kept'])}")
     if not plan.todo:
         return _finish(plan, progress, [], _resources(None), 0)
     try:
@@ -100,6 +99,12 @@ def execute_plan(plan: JobPlan, emit: Callable[[str], None] = emit_stderr) -> Ru
         pool.shutdown()
         raise
     return _close(plan, progress, scheduler, pool)
+
+
+def _first(names: Iterable[str], count: int = 5) -> str:
+    """The first ``count`` names, comma-separated, with ``...`` when there are more."""
+    names = list(names)
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
 
 
 def _close(plan: JobPlan, progress: Progress, scheduler: Scheduler, pool: WorkerPool,
@@ -216,20 +221,18 @@ class Scheduler:
         then restart the workers of stalled shards."""
         self._polled_at = time.monotonic()
         busy = sorted({run.slot for run in self.running.values()})
-        calls = {slot: (self.pool.actors[slot].live_images.remote(),
-                        self.pool.actors[slot].heartbeats.remote()) for slot in busy}
-        refs = [ref for pair in calls.values() for ref in pair]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+        calls = {slot: self.pool.actors[slot].progress.remote() for slot in busy}
+        ready, _ = ray.wait(list(calls.values()), num_returns=len(calls), timeout=1.0)
         done, live = set(ready), 0
         now = time.monotonic()
-        for slot, (live_ref, beats_ref) in calls.items():
-            if live_ref not in done or beats_ref not in done:
+        for slot, ref in calls.items():
+            if ref not in done:
                 continue
             try:
-                live += ray.get(live_ref)
-                beats = ray.get(beats_ref)
+                images, beats = ray.get(ref)
             except RayError:
                 continue
+            live += images
             for run in self.running.values():
                 if run.slot != slot:
                     continue

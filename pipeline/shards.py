@@ -145,11 +145,10 @@ def _image_groups(fs: Any, base: str, paths: list[str], sizes: dict[str, int],
     for index, start in enumerate(range(0, len(paths), per_shard)):
         group = tuple(paths[start:start + per_shard])
         keys = tuple(printable(_relative(p, base)) for p in group)
-        listing = "\n".join(f"{k}:{sizes.get(p, 0)}" for k, p in zip(keys, group, strict=True))
-        fingerprint = _hash(listing)
+        group_sizes = tuple(sizes.get(p, 0) for p in group)
+        listing = "\n".join(f"{k}:{n}" for k, n in zip(keys, group_sizes, strict=True))
         shards.append(ShardSpec(f"images-{index:06d}", "images", group, keys,
-                                printable(uri_of(fs, base)), fingerprint,
-                                tuple(sizes.get(p, 0) for p in group)))
+                                printable(uri_of(fs, base)), _hash(listing), group_sizes))
     return shards
 
 

@@ -114,16 +114,12 @@ class LabelWorker:
             self.engine.set_vocabulary(text_embeddings=text_embeddings)
         return True
 
-    def live_images(self) -> int:
-        """Images labelled so far in the shards this worker is processing now."""
-        return sum(self._live.values())
-
-    def heartbeats(self) -> dict[str, int]:
-        """``{shard_id: counter}`` of the shards in progress; a counter moves whenever the
-        shard makes progress (started, an image finished, writing started), so a driver
-        that sees it stand still knows the shard is stuck."""
+    def progress(self) -> tuple[int, dict[str, int]]:
+        """Images labelled so far in the shards in progress, and ``{shard_id: counter}`` of
+        those shards: a counter moves whenever its shard makes progress (started, an image
+        finished, writing started), so a driver that sees it stand still knows it is stuck."""
         with self._live_lock:
-            return dict(self._beats)
+            return sum(self._live.values()), dict(self._beats)
 
     def peak_memory_bytes(self) -> int:
         """Peak resident memory of this process."""
