@@ -281,3 +281,26 @@ def test_bad_label_studio_exports_are_one_line_errors(tmp_path, capsys, content,
                        "--ground-truth", str(path), "--report", str(tmp_path / "r"),
                        "--no-progress"]) == 2
     assert message in _one_line_error(capsys, "audit: error: ")
+
+
+def test_cloud_images_by_url_or_embedded(tmp_path, s3_bucket, s3_server):
+    """Loose images in S3 are referenced by their s3:// URL (Label Studio presigns it through
+    a connected source storage); --embed-images reads them and embeds them instead."""
+    fs = s3_server.filesystem()
+    photo = (np.random.default_rng(2).random((12, 16, 3)) * 255).astype(np.uint8)
+    fs.pipe(f"{s3_bucket}/photos/a.png", _png(photo))
+    uri = f"s3://{s3_bucket}/photos/a.png"
+    labels = tmp_path / "out"
+    write_labels_output(str(labels), {"s0": [ok_row("a.png", _label_map(0), 3,
+                                                    source_uri=uri)]}, CLASSES)
+    options = json.dumps(s3_server.storage_options)
+    out = tmp_path / "review"
+    args = ["--labels", str(labels), "--top", "1", "--out", str(out),
+            "--storage-options", options]
+    assert review_main(args) == 0
+    assert json.loads((out / "tasks.json").read_text())[0]["data"]["image"] == uri
+    assert review_main([*args, "--embed-images"]) == 0
+    embedded = json.loads((out / "tasks.json").read_text())[0]["data"]["image"]
+    data = base64.b64decode(embedded.split(",", 1)[1])
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), photo)
+    assert "cannot read" not in (out / "contact_sheet.html").read_text()
