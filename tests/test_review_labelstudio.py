@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import requests
+from labelstudio import ensure_venv, label_studio  # noqa: F401 - fixture
+from test_review import _one_line_error, _rows, _scene
 
 from jobs.audit import main as audit_main
 from jobs.review import main as review_main
 from pipeline.review.brush import decode_brush, encode_brush
-from tests.labelstudio import ensure_venv, label_studio  # noqa: F401 - fixture
-from tests.test_review import _one_line_error, _rows, _scene
 
 _CONVERTER = """
 import json, sys
