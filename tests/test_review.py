@@ -304,3 +304,18 @@ def test_cloud_images_by_url_or_embedded(tmp_path, s3_bucket, s3_server):
     data = base64.b64decode(embedded.split(",", 1)[1])
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), photo)
     assert "cannot read" not in (out / "contact_sheet.html").read_text()
+
+
+def test_unreadable_image_is_reported_not_sent(tmp_path, capsys):
+    scene = _scene(tmp_path)
+    (tmp_path / "shard.tar").write_bytes(b"this is no tar archive")  # img6, img7 (top 2)
+    assert _review(scene, "--top", "3") == 0
+    err = capsys.readouterr().err
+    assert err.count("review: warning: no image for t0/sub/img") == 2
+    out = Path(scene["out"])
+    tasks = json.loads((out / "tasks.json").read_text())
+    assert len(tasks) == 1 and tasks[0]["data"]["cass_image_id"].startswith("p0/")
+    record = json.loads((out / "reviewed.json").read_text())
+    assert record["batches"][0]["image_ids"] == [t["data"]["cass_image_id"] for t in tasks]
+    sheet = (out / "contact_sheet.html").read_text()
+    assert sheet.count("<figure>") == 3 and "cannot read" in sheet

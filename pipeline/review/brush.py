@@ -88,10 +88,14 @@ def _block_bits(lengths: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 def _to_bits(codes: np.ndarray, widths: np.ndarray, max_width: int) -> np.ndarray:
     """Concatenate the low ``widths[i]`` bits of each ``codes[i]``, most significant first."""
-    position = np.arange(max_width)[None, :]
-    shift = widths[:, None] - 1 - position
-    bits = (codes[:, None] >> np.maximum(shift, 0)) & 1
-    return bits[shift >= 0].astype(np.uint8)
+    widths = np.broadcast_to(widths, codes.shape)
+    starts = np.concatenate([[0], np.cumsum(widths)[:-1]])
+    out = np.zeros(int(widths.sum()), dtype=np.uint8)
+    for position in range(max_width):  # one pass per bit position, vectorised over codes
+        used = widths > position
+        shift = widths[used] - 1 - position
+        out[starts[used] + position] = (codes[used] >> shift) & 1
+    return out
 
 
 def decode_brush(rle: Sequence[int], height: int, width: int) -> np.ndarray:
