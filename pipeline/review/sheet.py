@@ -39,11 +39,22 @@ def overlay_png(row: Mapping, image: np.ndarray | None, categories: Sequence[Cat
                                       [c.id for c in categories])
     if image is None or image.shape[:2] != (height, width):
         image = np.full((height, width, 3), 128, dtype=np.uint8)
+    image, labels = _fit(image, labels, max_side)
     canvas = render_overlay(image, labels, [c.name for c in categories])
-    canvas.thumbnail((max_side * 2, max_side))
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _fit(image: np.ndarray, labels: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-neighbour scaling by an integer factor so the longer side is near ``max_side``."""
+    longest = max(labels.shape)
+    if longest > max_side:
+        step = -(-longest // max_side)
+        return image[::step, ::step], labels[::step, ::step]
+    factor = max(1, max_side // longest)
+    return (np.repeat(np.repeat(image, factor, axis=0), factor, axis=1),
+            np.repeat(np.repeat(labels, factor, axis=0), factor, axis=1))
 
 
 def decode_photo(data: bytes | str | None) -> np.ndarray | None:
