@@ -146,3 +146,15 @@ def test_bad_server_input_is_one_line(tmp_path, label_studio, monkeypatch, capsy
     assert audit_main([*audit, "--project", "1"]) == 2
     assert "rejected the API token" in _one_line_error(capsys, "audit: error: ")
     assert not (Path(scene["out"]) / "reviewed.json").exists()  # nothing was sent
+
+
+def test_personal_access_token(tmp_path, label_studio, monkeypatch, capsys):  # noqa: F811
+    """A personal access token (a JWT refresh token) is exchanged for an access token."""
+    created = _api(label_studio, "POST", "/api/token/")
+    token = created.get("token") or created.get("refresh")
+    assert token and token.count(".") == 2
+    scene = _scene(tmp_path)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", token)
+    assert review_main(["--labels", scene["labels"], "--top", "1", "--out", scene["out"],
+                        "--label-studio-url", label_studio.url, "--project", "pat"]) == 0
+    assert "imported 1 tasks" in capsys.readouterr().out

@@ -3,7 +3,7 @@
 The API token comes from the caller (the jobs read ``LABEL_STUDIO_API_KEY``); it is sent only
 in the ``Authorization`` header and never appears in messages. Legacy tokens are sent as
 ``Token <key>``; personal access tokens (JWTs) are exchanged for an access token first
-(``POST /api/token/refresh``). Every failure is a :class:`LabelStudioError` with one line:
+(``POST /api/token/refresh/``). Every failure is a :class:`LabelStudioError` with one line:
 unreachable server, rejected token, unknown project, or the server's own reason.
 """
 
@@ -46,7 +46,7 @@ class LabelStudioClient:
     def _authorization(self, token: str) -> str:
         if token.count(".") != 2:
             return f"Token {token}"
-        response = self._send("POST", "/api/token/refresh", json={"refresh": token},
+        response = self._send("POST", "/api/token/refresh/", json={"refresh": token},
                               auth=False)
         access = response.json().get("access") if response.content else None
         if not access:
