@@ -145,6 +145,14 @@ def test_bad_server_input_is_one_line(tmp_path, label_studio, monkeypatch, capsy
     assert "rejected the API token (HTTP 401)" in err and "wrong-token" not in err
     assert audit_main([*audit, "--project", "1"]) == 2
     assert "rejected the API token" in _one_line_error(capsys, "audit: error: ")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
+    other = _api(label_studio, "POST", "/api/projects", json={
+        "title": "boxes", "label_config": '<View><Image name="image" value="$image"/>'
+        '<BrushLabels name="label" toName="image"><Label value="background"/></BrushLabels>'
+        '</View>'})
+    assert review_main([*args, "--project", str(other["id"])]) == 2
+    err = _one_line_error(capsys, "review: error: ")
+    assert "has no brush label for 'cat & dog', 'sky <blue>'" in err
     assert not (Path(scene["out"]) / "reviewed.json").exists()  # nothing was sent
 
 

@@ -137,7 +137,28 @@ def _push(config: ReviewConfig, categories, tasks: list[dict]) -> tuple[dict, in
             raise LabelStudioError(f"no Label Studio project {config.project!r} at "
                                    f"{client.url}")
         project = client.create_project(str(config.project), labeling_config(categories))
+    missing = sorted({c.name for c in categories} - config_labels(project.get("label_config")))
+    if missing:
+        raise ReviewError(f"Label Studio project {project.get('id')} "
+                          f"({project.get('title')}) has no brush label for "
+                          f"{', '.join(map(repr, missing[:5]))}"
+                          f"{' ...' if len(missing) > 5 else ''}; use a new project or add "
+                          "them to its labeling config (see labeling_config.xml)")
     return project, client.import_tasks(int(project["id"]), tasks)
+
+
+def config_labels(label_config: object) -> set[str]:
+    """The ``Label`` values under ``BrushLabels`` tags of a labeling config XML."""
+    from xml.etree import ElementTree
+
+    if not isinstance(label_config, str) or len(label_config) > 16 * 1024 * 1024:
+        return set()
+    try:
+        root = ElementTree.fromstring(label_config)
+    except ElementTree.ParseError:
+        return set()
+    return {str(label.get("value")) for tag in root.iter("BrushLabels")
+            for label in tag.iter("Label")}
 
 
 def run_review(config: ReviewConfig) -> ReviewOutcome:
