@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 RANKINGS = ("uncertainty", "disagreement", "random")
+#: Label-table columns the scores read (add a confidence column here with its score).
+ROW_COLUMNS = ["image_id", "source_uri", "key", "width", "height", "status", "annotations",
+               "presence"]
 
 
 @dataclass(frozen=True, order=True)

@@ -21,14 +21,12 @@ from schemas.io import iter_label_rows, open_output, read_run_record
 
 from .client import LabelStudioClient, LabelStudioError
 from .images import SourceRef, data_uri, load_images
-from .ranking import RANKINGS, Ranked, top_k
+from .ranking import RANKINGS, ROW_COLUMNS, Ranked, top_k
 from .sheet import decode_photo, overlay_png, render_sheet
 from .tasks import build_task, labeling_config
 
 REVIEWED = "reviewed.json"
 FILES = ("tasks.json", "labeling_config.xml", "contact_sheet.html")
-_COLUMNS = ["image_id", "source_uri", "key", "width", "height", "status", "annotations",
-            "presence"]
 
 
 class ReviewError(Exception):
@@ -128,14 +126,19 @@ def _write(fs, path: str, text: str) -> None:
         f.write(text.encode("utf-8"))
 
 
-def _push(config: ReviewConfig, categories, tasks: list[dict]) -> tuple[dict, int]:
+def _connect(config: ReviewConfig) -> tuple[LabelStudioClient, dict | None]:
+    """Check the server and the token, and find the project (``None``: to be created)."""
     client = LabelStudioClient(config.label_studio_url or "", config.token or "")
     client.check()
     project = client.project(config.project or "")
+    if project is None and str(config.project).strip().isdigit():
+        raise LabelStudioError(f"no Label Studio project {config.project!r} at {client.url}")
+    return client, project
+
+
+def _push(client: LabelStudioClient, project: dict | None, config: ReviewConfig, categories,
+          tasks: list[dict]) -> tuple[dict, int]:
     if project is None:
-        if str(config.project).strip().isdigit():
-            raise LabelStudioError(f"no Label Studio project {config.project!r} at "
-                                   f"{client.url}")
         project = client.create_project(str(config.project), labeling_config(categories))
     missing = sorted({c.name for c in categories} - config_labels(project.get("label_config")))
     if missing:
@@ -168,36 +171,49 @@ def run_review(config: ReviewConfig) -> ReviewOutcome:
         ReviewError, LabelStudioError, pipeline.audit.AuditError: one-line input problems.
     """
     labels = open_labels(config.labels, config.storage_options)
-    try:
-        io = read_run_record(config.labels, config.storage_options).get("io") or {}
-    except FileNotFoundError:
-        io = {}
+    studio = _connect(config) if config.label_studio_url else None  # fail before any work
     record = read_reviewed(config.out_dir, config.storage_options)
     exclude = reviewed_ids(record) if config.exclude_reviewed else set()
-    rows = iter_label_rows(config.labels, config.storage_options, columns=_COLUMNS)
+    rows = iter_label_rows(config.labels, config.storage_options, columns=ROW_COLUMNS)
     items = top_k(rows, config.top, config.by, len(labels.categories), config.seed, exclude)
-    refs, images = _image_refs(items, config, io)
+    refs, images = _image_refs(items, config, _io_record(config))
     version = f"cass-labeler {str(labels.vocabulary_hash or '')[:12]}".strip()
     sendable = [i for i in items if i.image_id in refs]
     tasks = [build_task(item, rank, refs[item.image_id], labels.categories, version)
              for rank, item in enumerate(sendable, start=1)]
-    overlays = [overlay_png(i.row, decode_photo(images["loaded"][i.image_id]),
-                            labels.categories) for i in items]
+    files = _write_files(config, labels.categories, items, tasks, images)
+    outcome = ReviewOutcome(items, files, images["missing"])
+    if studio is not None:
+        outcome.project, outcome.imported = _push(*studio, config, labels.categories, tasks)
+    record["batches"].append(_batch_record(config, sendable, outcome.project))
+    fs, root = open_output(config.out_dir, config.storage_options)
+    _write(fs, f"{root}/{REVIEWED}", json.dumps(record, indent=1))
+    return outcome
+
+
+def _io_record(config: ReviewConfig) -> dict:
+    """The input options of the labeling run (Parquet image and id columns), if recorded."""
+    try:
+        return read_run_record(config.labels, config.storage_options).get("io") or {}
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _write_files(config: ReviewConfig, categories, items: list[Ranked], tasks: list[dict],
+                 images: dict) -> list[str]:
+    """Write tasks, labeling config and contact sheet; returns their URIs."""
+    overlays = [overlay_png(i.row, decode_photo(images["loaded"][i.image_id]), categories)
+                for i in items]
     sheet = render_sheet(items, overlays, config.by, f"Review batch: {config.labels}",
                          images["missing"])
     fs, root = open_output(config.out_dir, config.storage_options)
     fs.makedirs(root, exist_ok=True)
     files = []
-    for name, text in zip(FILES, (json.dumps(tasks), labeling_config(labels.categories),
-                                  sheet), strict=True):
+    texts = (json.dumps(tasks), labeling_config(categories), sheet)
+    for name, text in zip(FILES, texts, strict=True):
         _write(fs, f"{root}/{name}", text)
         files.append(f"{config.out_dir.rstrip('/')}/{name}")
-    outcome = ReviewOutcome(items, files, images["missing"])
-    if config.label_studio_url:
-        outcome.project, outcome.imported = _push(config, labels.categories, tasks)
-    record["batches"].append(_batch_record(config, sendable, outcome.project))
-    _write(fs, f"{root}/{REVIEWED}", json.dumps(record, indent=1))
-    return outcome
+    return files
 
 
 def _batch_record(config: ReviewConfig, sent: list[Ranked], project: dict | None) -> dict:
