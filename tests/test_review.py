@@ -209,6 +209,10 @@ def test_review_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     assert _review(scene, "--top", "2", "--label-studio-url", "http://127.0.0.1:9",
                    "--project", "x") == 2
     assert "LABEL_STUDIO_API_KEY" in _one_line_error(capsys, "review: error: ")
+    Path(scene["out"]).mkdir()
+    (Path(scene["out"]) / "reviewed.json").write_text('{"batches": [3]}')
+    assert _review(scene, "--top", "2", "--exclude-reviewed") == 2
+    assert "is not a review record" in _one_line_error(capsys, "review: error: ")
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "not-a-real-token")
     assert _review(scene, "--top", "2", "--label-studio-url", "http://127.0.0.1:9",
                    "--project", "x") == 2

@@ -92,8 +92,10 @@ def read_reviewed(out_dir: str, storage_options: Mapping | None = None) -> dict:
     try:
         with fs.open(path, "rb") as f:
             record = json.loads(f.read().decode("utf-8"))
-        if not isinstance(record.get("batches"), list):
-            raise ValueError("no list 'batches'")
+        batches = record.get("batches")
+        if not isinstance(batches, list) or not all(
+                isinstance(b, dict) and isinstance(b.get("image_ids"), list) for b in batches):
+            raise ValueError("expected {'batches': [{'image_ids': [...]}, ...]}")
         return record
     except (ValueError, AttributeError) as error:
         raise ReviewError(f"{out_dir.rstrip('/')}/{REVIEWED} is not a review record: "
@@ -102,7 +104,7 @@ def read_reviewed(out_dir: str, storage_options: Mapping | None = None) -> dict:
 
 def reviewed_ids(record: Mapping) -> set[str]:
     """Every image id of every batch of a review record."""
-    return {str(i) for batch in record["batches"] for i in batch.get("image_ids", [])}
+    return {str(i) for batch in record["batches"] for i in batch["image_ids"]}
 
 
 def _image_refs(items: list[Ranked], config: ReviewConfig, io: Mapping) -> tuple[dict, dict]:
