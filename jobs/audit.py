@@ -4,6 +4,10 @@ Usage::
 
     python jobs/audit.py --labels OUTPUT --ground-truth URI [--gt-format coco|masks|parquet]
         [--category-map FILE] --report DIR [--fail-under MIOU]
+    python jobs/audit.py --labels OUTPUT --gt-format labelstudio --ground-truth EXPORT.json ...
+    python jobs/audit.py --labels OUTPUT --label-studio-url URL --project NAME_OR_ID ...
+
+Label Studio's API token is read from the environment variable ``LABEL_STUDIO_API_KEY``.
 
 Exit status: 0 success, 1 mIoU below ``--fail-under``, 2 bad input (one-line message on
 stderr). Progress goes to stderr, the summary to stdout.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from pipeline.audit import AuditConfig, AuditError, run_audit
@@ -25,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     p = argparse.ArgumentParser(prog="audit", description=__doc__.split("\n\n")[0])
     p.add_argument("--labels", required=True, help="pipeline output root (labels/ + run.json)")
-    p.add_argument("--ground-truth", required=True,
-                   help="COCO JSON file, folder/prefix of mask PNGs, or labels-schema output")
+    p.add_argument("--ground-truth", default=None,
+                   help="COCO JSON file, folder/prefix of mask PNGs, labels-schema output, or "
+                   "Label Studio JSON export (required unless --label-studio-url)")
     p.add_argument("--gt-format", choices=GT_FORMATS, default=None,
                    help="ground-truth format (default: detected from the URI)")
     p.add_argument("--category-map", default=None,
@@ -50,7 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", default=None,
                    help="JSON object of fsspec storage options for every URI")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument("--label-studio-url", default=None, metavar="URL",
+                   help="pull the reviewed ground truth from this Label Studio server "
+                   "(token from $LABEL_STUDIO_API_KEY); implies --gt-format labelstudio")
+    p.add_argument("--project", default=None, metavar="NAME_OR_ID",
+                   help="Label Studio project title or id (with --label-studio-url)")
     return p
+
+
+def _label_studio_args(args: argparse.Namespace) -> dict:
+    """The Label Studio part of the config (pulling the ground truth from a server)."""
+    if not args.label_studio_url:
+        if not args.ground_truth:
+            raise AuditError("--ground-truth is required (or --label-studio-url and --project)")
+        return {}
+    if args.gt_format not in (None, "labelstudio"):
+        raise AuditError("--label-studio-url reads Label Studio ground truth; drop --gt-format "
+                         f"{args.gt_format}")
+    if not args.project:
+        raise AuditError("--label-studio-url needs --project NAME_OR_ID")
+    token = os.environ.get("LABEL_STUDIO_API_KEY")
+    if not token:
+        raise AuditError("--label-studio-url needs the API token in $LABEL_STUDIO_API_KEY")
+    return {"gt_format": "labelstudio", "label_studio_url": args.label_studio_url,
+            "label_studio_project": args.project, "label_studio_token": token,
+            "ground_truth": args.ground_truth or f"{args.label_studio_url} project "
+            f"{args.project}"}
 
 
 def config_from_args(args: argparse.Namespace) -> AuditConfig:
@@ -63,7 +94,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
             raise AuditError(f"--storage-options is not valid JSON: {error}") from None
         if not isinstance(options, dict):
             raise AuditError("--storage-options must be a JSON object")
-    return AuditConfig(
+    fields = dict(
         labels=args.labels, ground_truth=args.ground_truth, report_dir=args.report,
         gt_format=args.gt_format, category_map=args.category_map, gt_classes=args.gt_classes,
         mask_suffix=args.mask_suffix, reduce_zero_label=args.reduce_zero_label,
@@ -71,6 +102,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         coco_unlabeled=args.coco_unlabeled, worst_k=args.worst_k, coco_ap=args.coco_ap,
         fail_under=args.fail_under, storage_options=options, progress=not args.no_progress,
     )
+    return AuditConfig(**{**fields, **_label_studio_args(args)})
 
 
 def _print_summary(metrics: dict, files: list[str]) -> None:

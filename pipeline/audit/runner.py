@@ -29,7 +29,7 @@ from .sources import load_source_image, name_aliases, read_text, url_to_fs
 from .worst import ImageRef
 from .writer import write_report
 
-GT_FORMATS = ("coco", "masks", "parquet")
+GT_FORMATS = ("coco", "masks", "parquet", "labelstudio")
 EXIT_OK, EXIT_BELOW_BAR = 0, 1
 
 
@@ -54,6 +54,10 @@ class AuditConfig:
         fail_under: mIoU bar in percent; below it the audit exits with status 1.
         storage_options: fsspec options for every URI.
         progress: show progress on stderr.
+        label_studio_url: ``labelstudio`` format: pull the export of ``label_studio_project``
+            from this server instead of reading ``ground_truth``.
+        label_studio_project: project title or id on that server.
+        label_studio_token: API token for that server (from the environment).
     """
 
     labels: str
@@ -71,6 +75,9 @@ class AuditConfig:
     fail_under: float | None = None
     storage_options: dict = field(default_factory=dict)
     progress: bool = True
+    label_studio_url: str | None = None
+    label_studio_project: str | None = None
+    label_studio_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.gt_format is not None and self.gt_format not in GT_FORMATS:
@@ -119,6 +126,10 @@ def open_ground_truth(config: AuditConfig) -> GroundTruth:
     """The ground-truth reader for the configured (or detected) format."""
     options = config.storage_options
     fmt = config.gt_format or detect_format(config.ground_truth, options)
+    if fmt == "labelstudio":
+        from .gt_labelstudio import open_labelstudio
+
+        return open_labelstudio(config)
     if fmt == "coco":
         return CocoGroundTruth(config.ground_truth, options, config.coco_unlabeled)
     if fmt == "parquet":

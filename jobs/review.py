@@ -1,0 +1,95 @@
+"""Pick the labels the engine is least sure about and prepare them for review in Label Studio.
+
+Usage::
+
+    python jobs/review.py --labels OUTPUT --top K [--by uncertainty|disagreement|random]
+        [--seed S] [--exclude-reviewed] --out DIR
+        [--label-studio-url URL --project NAME_OR_ID]
+
+Writes ``DIR/tasks.json``, ``DIR/labeling_config.xml``, ``DIR/contact_sheet.html`` and adds the
+batch to ``DIR/reviewed.json``. With ``--label-studio-url`` the tasks are imported into the
+project (created when a title does not exist yet); the API token is read from the environment
+variable ``LABEL_STUDIO_API_KEY``. Exit status: 0 done, 2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from pipeline.audit import AuditError
+from pipeline.review import LabelStudioError, ReviewConfig, ReviewError, run_review
+from pipeline.review.ranking import RANKINGS
+
+EXIT_INPUT_ERROR = 2
+TOKEN_ENV = "LABEL_STUDIO_API_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    p = argparse.ArgumentParser(prog="review", description=__doc__.split("\n\n")[0])
+    p.add_argument("--labels", required=True, help="labeling output root (labels/ + run.json)")
+    p.add_argument("--top", type=int, required=True, metavar="K", help="images to pick")
+    p.add_argument("--by", choices=RANKINGS, default="uncertainty",
+                   help="ranking score (default uncertainty)")
+    p.add_argument("--seed", type=int, default=0, help="tie-break and random seed (default 0)")
+    p.add_argument("--exclude-reviewed", action="store_true",
+                   help="skip images listed in DIR/reviewed.json")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (any fsspec URI)")
+    p.add_argument("--embed-images", action="store_true",
+                   help="embed every image as a data URI (default: s3/gs objects by URL)")
+    p.add_argument("--label-studio-url", default=None, metavar="URL",
+                   help=f"import the tasks into this server (token from ${TOKEN_ENV})")
+    p.add_argument("--project", default=None, metavar="NAME_OR_ID",
+                   help="Label Studio project title (created if missing) or id")
+    p.add_argument("--storage-options", default=None,
+                   help="JSON object of fsspec storage options for every URI")
+    return p
+
+
+def _options(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ReviewError(f"--storage-options is not valid JSON: {error}") from None
+    if not isinstance(options, dict):
+        raise ReviewError("--storage-options must be a JSON object")
+    return options
+
+
+def config_from_args(args: argparse.Namespace) -> ReviewConfig:
+    """Parsed arguments -> :class:`ReviewConfig` (raises ``ReviewError``)."""
+    token = os.environ.get(TOKEN_ENV) if args.label_studio_url else None
+    if args.label_studio_url and not token:
+        raise ReviewError(f"--label-studio-url needs the API token in ${TOKEN_ENV}")
+    return ReviewConfig(
+        labels=args.labels, out_dir=args.out, top=args.top, by=args.by, seed=args.seed,
+        exclude_reviewed=args.exclude_reviewed, embed_images=args.embed_images,
+        label_studio_url=args.label_studio_url, project=args.project, token=token,
+        storage_options=_options(args.storage_options))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one review batch; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        outcome = run_review(config_from_args(args))
+    except (ReviewError, LabelStudioError, AuditError, OSError) as error:
+        print(f"review: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    for image_id, reason in outcome.missing_images.items():
+        print(f"review: warning: no image for {image_id}: {reason}", file=sys.stderr)
+    print(f"selected {len(outcome.selected)} images by {args.by}; files: "
+          f"{', '.join(outcome.files)}")
+    if outcome.project is not None:
+        print(f"imported {outcome.imported} tasks into Label Studio project "
+              f"{outcome.project.get('id')} ({outcome.project.get('title')})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""jobs/review.py without a server: ranking, brush RLE, tasks, labeling config, contact sheet,
+the review record, and Label Studio exports read back as audit ground truth."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import re
+import tarfile
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.audit import main as audit_main
+from jobs.review import main as review_main
+from pipeline.audit.fixtures import failed_row, ok_row, write_labels_output
+from pipeline.review.brush import BrushError, decode_brush, encode_brush
+from pipeline.review.ranking import disagreement, top_k, uncertainty
+from schemas.masks import rle_to_mask
+
+CLASSES = [["background"], ["cat & dog", "pet"], ["sky <blue>"]]
+
+
+def _label_map(i: int, hw=(12, 16)) -> np.ndarray:
+    labels = np.zeros(hw, np.int64)
+    labels[:, 2 + i:] = 1
+    labels[:4, :3] = 2
+    return labels
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _scene(tmp_path: Path) -> dict:
+    """Six loose PNGs, one tar shard with two images, one Parquet shard with two, one failure."""
+    rng = np.random.default_rng(0)
+    photos = {f"img{i}": (rng.random((12, 16, 3)) * 255).astype(np.uint8) for i in range(10)}
+    rows = []
+    for i in range(6):
+        path = tmp_path / f"img{i}.png"
+        path.write_bytes(_png(photos[f"img{i}"]))
+        rows.append(ok_row(f"img{i}.png", _label_map(i), 3, [0.2, 0.5, 0.3],
+                           source_uri=str(path), scores=[0.9 - 0.1 * i, 0.8, 0.5]))
+    rows.append(failed_row("broken.png"))
+    tar_path = tmp_path / "shard.tar"
+    with tarfile.open(tar_path, "w") as archive:
+        for i in (6, 7):
+            data = _png(photos[f"img{i}"])
+            info = tarfile.TarInfo(f"sub/img{i}.png")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    tar_rows = [ok_row(f"sub/img{i}", _label_map(i), 3, [0.3, 0.4, 0.3], shard_id="t0",
+                       source_uri=str(tar_path), scores=[0.05, 0.1, 0.2]) for i in (6, 7)]
+    parquet_path = tmp_path / "shard.parquet"
+    pq.write_table(pa.table({"image": [_png(photos["img8"]), _png(photos["img9"])]}),
+                   parquet_path)
+    pq_rows = [ok_row(f"{r:08d}", _label_map(8 + r), 3, [0.3, 0.4, 0.3], shard_id="p0",
+                      source_uri=str(parquet_path), scores=[0.1, 0.15, 0.2]) for r in (0, 1)]
+    labels = tmp_path / "out"
+    write_labels_output(str(labels), {"s0": rows, "t0": tar_rows, "p0": pq_rows}, CLASSES)
+    return {"labels": str(labels), "photos": photos, "out": str(tmp_path / "review")}
+
+
+def _review(scene: dict, *extra: str) -> int:
+    return review_main(["--labels", scene["labels"], "--out", scene["out"], *extra])
+
+
+def _one_line_error(capsys, prefix: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(prefix), err
+    return err
+
+
+# ---------------------------------------------------------------------- brush RLE
+@pytest.mark.parametrize("hw", [(1, 1), (3, 5), (40, 30), (300, 260)])
+def test_brush_round_trip_random_and_long_runs(hw):
+    rng = np.random.default_rng(hw[0])
+    for mask in (rng.random(hw) > 0.5, np.ones(hw, bool), np.zeros(hw, bool),
+                 rng.random(hw) > 0.97):
+        assert np.array_equal(decode_brush(encode_brush(mask), *hw), mask)
+
+
+def test_brush_decode_rejects_malformed_data():
+    rle = encode_brush(np.ones((4, 4), bool))
+    with pytest.raises(BrushError, match="holds 64 values, the 4x5 image needs 80"):
+        decode_brush(rle, 4, 5)
+    with pytest.raises(BrushError, match="ends in the middle"):
+        decode_brush(encode_brush(np.eye(8, dtype=bool))[:10], 8, 8)
+    with pytest.raises(BrushError, match="bytes"):
+        decode_brush([0, 1, 999], 4, 4)
+    with pytest.raises(BrushError, match="list"):
+        decode_brush("AAAA", 4, 4)
+    with pytest.raises(BrushError, match="more than"):
+        decode_brush([0] * 10_000, 4, 4)
+
+
+# ---------------------------------------------------------------------- ranking
+def _rows(scene: dict) -> list[dict]:
+    from schemas.io import iter_label_rows
+
+    return list(iter_label_rows(scene["labels"]))
+
+
+def test_ranking_is_deterministic_and_independent_of_row_order(tmp_path):
+    rows = _rows(_scene(tmp_path))
+    shuffled = rows[::-1]
+    random.Random(3).shuffle(shuffled)
+    for by in ("uncertainty", "disagreement", "random"):
+        first = [r.image_id for r in top_k(rows, 4, by, 3, seed=7)]
+        again = [r.image_id for r in top_k(shuffled, 4, by, 3, seed=7)]
+        assert first == again and len(first) == 4, by
+    assert "s0/broken.png" not in {r.image_id for r in top_k(rows, 20, "uncertainty", 3)}
+    seeds = {tuple(r.image_id for r in top_k(rows, 4, "random", 3, seed=s)) for s in range(5)}
+    assert len(seeds) > 1  # the seed matters
+    # the mask scores decide: tar and Parquet rows have the lowest scores
+    by_uncertainty = [r.image_id for r in top_k(rows, 4, "uncertainty", 3)]
+    assert set(by_uncertainty) == {"t0/sub/img6", "t0/sub/img7", "p0/00000000", "p0/00000001"}
+    ties = [r.image_id for r in top_k([dict(r, image_id=f"x{i}") for i, r in
+                                       enumerate([rows[0]] * 6)], 3, "uncertainty", 3, seed=1)]
+    assert ties == [r.image_id for r in top_k([dict(rows[0], image_id=f"x{i}")
+                                               for i in reversed(range(6))], 3, "uncertainty",
+                                              3, seed=1)]
+
+
+def test_scores_follow_their_definitions():
+    labels = np.zeros((4, 5), np.int64)
+    labels[:, 3:] = 1
+    row = ok_row("a", labels, 3, [0.6, 0.4, 0.0], scores=[0.8, 0.5, 0.1])
+    assert uncertainty(row, 3) == pytest.approx(1 - (12 * 0.8 + 8 * 0.5) / 20)
+    assert disagreement(row, 3) == pytest.approx(0.0)
+    row = ok_row("b", labels, 3, [0.0, 0.0, 1.0])
+    assert disagreement(row, 3) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------- the job's files
+def test_review_writes_tasks_config_and_sheet(tmp_path, capsys):
+    scene = _scene(tmp_path)
+    assert _review(scene, "--top", "5") == 0
+    out = Path(scene["out"])
+    tasks = json.loads((out / "tasks.json").read_text())
+    assert [t["data"]["cass_rank"] for t in tasks] == [1, 2, 3, 4, 5]
+    rows = {r["image_id"]: r for r in _rows(scene)}
+    kinds = set()
+    for task in tasks:
+        row = rows[task["data"]["cass_image_id"]]
+        kinds.add(row["source_uri"].rsplit(".", 1)[-1])
+        uri = task["data"]["image"]
+        assert uri.startswith("data:image/png;base64,")
+        photo = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+        name = Path(row["key"]).stem if row["shard_id"] != "p0" else \
+            f"img{8 + int(row['key'])}"
+        assert np.array_equal(photo, scene["photos"][name])
+        prediction = task["predictions"][0]
+        assert 0 <= prediction["score"] <= 1
+        names = {1: "background", 2: "cat & dog", 3: "sky <blue>"}
+        for ann, region in zip(row["annotations"], prediction["result"], strict=True):
+            assert region["value"]["brushlabels"] == [names[ann["category_id"]]]
+            mask = decode_brush(region["value"]["rle"], region["original_height"],
+                                region["original_width"])
+            assert np.array_equal(mask, rle_to_mask(ann["segmentation"]))
+    assert kinds == {"tar", "parquet", "png"}
+    config = ElementTree.fromstring((out / "labeling_config.xml").read_text())
+    assert [e.get("value") for e in config.iter("Label")] == ["background", "cat & dog",
+                                                              "sky <blue>"]
+    sheet = (out / "contact_sheet.html").read_text()
+    assert len(re.findall(r'src="data:image/png;base64,', sheet)) == 5
+    assert "sky <blue>" not in sheet and "http://" not in sheet and "https://" not in sheet
+    assert "selected 5 images" in capsys.readouterr().out
+
+
+def test_rerun_and_exclude_reviewed(tmp_path):
+    scene = _scene(tmp_path)
+    assert _review(scene, "--top", "4", "--by", "random", "--seed", "5") == 0
+    out = Path(scene["out"])
+    first = [t["data"]["cass_image_id"] for t in json.loads((out / "tasks.json").read_text())]
+    assert _review(scene, "--top", "4", "--by", "random", "--seed", "5") == 0
+    assert first == [t["data"]["cass_image_id"]
+                     for t in json.loads((out / "tasks.json").read_text())]
+    assert _review(scene, "--top", "4", "--by", "random", "--seed", "5",
+                   "--exclude-reviewed") == 0
+    second = [t["data"]["cass_image_id"] for t in json.loads((out / "tasks.json").read_text())]
+    assert len(second) == 4 and not set(first) & set(second)
+    record = json.loads((out / "reviewed.json").read_text())
+    assert [b["image_ids"] for b in record["batches"]] == [first, first, second]
+    assert _review(scene, "--top", "4", "--exclude-reviewed") == 0  # 10 ok images, 8 sent
+    rest = {t["data"]["cass_image_id"] for t in json.loads((out / "tasks.json").read_text())}
+    everything = {r["image_id"] for r in _rows(scene) if r["status"] == "ok"}
+    assert rest == everything - set(first) - set(second) and len(rest) == 2
+
+
+def test_review_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
+    scene = _scene(tmp_path)
+    assert review_main(["--labels", str(tmp_path / "nowhere"), "--top", "2", "--out",
+                        scene["out"]]) == 2
+    assert "no completed label files" in _one_line_error(capsys, "review: error: ")
+    assert _review(scene, "--top", "0") == 2
+    _one_line_error(capsys, "review: error: --top")
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    assert _review(scene, "--top", "2", "--label-studio-url", "http://127.0.0.1:9",
+                   "--project", "x") == 2
+    assert "LABEL_STUDIO_API_KEY" in _one_line_error(capsys, "review: error: ")
+    Path(scene["out"]).mkdir()
+    (Path(scene["out"]) / "reviewed.json").write_text('{"batches": [3]}')
+    assert _review(scene, "--top", "2", "--exclude-reviewed") == 2
+    assert "is not a review record" in _one_line_error(capsys, "review: error: ")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "not-a-real-token")
+    assert _review(scene, "--top", "2", "--label-studio-url", "http://127.0.0.1:9",
+                   "--project", "x") == 2
+    err = _one_line_error(capsys, "review: error: cannot reach Label Studio")
+    assert "not-a-real-token" not in err
+
+
+# ---------------------------------------------------------------------- corrections back
+def _export_task(image_id: str, labels: np.ndarray, names: list[str], **extra) -> dict:
+    height, width = labels.shape
+    result = [{"id": f"r{c}", "type": "brushlabels", "from_name": "label", "to_name": "image",
+               "original_width": width, "original_height": height,
+               "value": {"format": "rle", "rle": encode_brush(labels == c),
+                         "brushlabels": [names[c]]}} for c in np.unique(labels)]
+    annotation = {"id": 1, "result": result, "was_cancelled": False,
+                  "updated_at": "2026-01-02T00:00:00Z"}
+    return {"id": 7, "data": {"image": "data:image/png;base64,AAAA", "cass_image_id": image_id},
+            "annotations": [annotation], **extra}
+
+
+def test_label_studio_export_as_ground_truth(tmp_path):
+    scene = _scene(tmp_path)
+    rows = {r["image_id"]: r for r in _rows(scene)}
+    gt = _label_map(0)
+    gt[5:8, 6:10] = 2  # 12 pixels of "cat & dog" corrected to "sky <blue>"
+    names = ["background", "cat & dog", "sky <blue>"]
+    stale = _export_task("s0/img1.png", _label_map(1), names)
+    stale["annotations"][0].update(updated_at="2025-01-01T00:00:00Z", id=5)
+    cancelled = dict(_export_task("s0/img1.png", np.zeros((12, 16), np.int64), names)
+                     ["annotations"][0], was_cancelled=True, updated_at="2027-01-01T00:00:00Z")
+    task1 = _export_task("s0/img1.png", _label_map(1), names)
+    task1["annotations"] += [stale["annotations"][0], cancelled]
+    export = [_export_task("s0/img0.png", gt, names), task1,
+              {"id": 9, "data": {"cass_image_id": "s0/img2.png"}, "annotations": []}]
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(export))
+    report = tmp_path / "report"
+    assert audit_main(["--labels", scene["labels"], "--gt-format", "labelstudio",
+                       "--ground-truth", str(path), "--report", str(report),
+                       "--no-progress"]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["num_images"] == 2
+    assert metrics["unmatched"]["predictions"] == len(rows) - 1 - 2  # minus failed, reviewed
+    confusion = (report / "confusion_matrix.csv").read_text().splitlines()
+    header = confusion[0].split(",")
+    cells = {(line.split(",")[0], name): int(value) for line in confusion[1:]
+             for name, value in zip(header[1:], line.split(",")[1:], strict=True)}
+    off_diagonal = {k: v for k, v in cells.items() if k[0] != k[1] and v}
+    assert off_diagonal == {("sky <blue>", "cat & dog"): 12}
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"tasks": []}', "expected a JSON list of tasks"),
+    ("[1]", "is not an object"),
+    ('[{"id": 3, "annotations": [{"result": [{"type": "brushlabels", "original_width": 4, '
+     '"original_height": 4, "value": {"rle": [1, 2], "brushlabels": ["cat & dog"]}}]}], '
+     '"data": {"cass_image_id": "s0/img0.png"}}]', "shorter than its header"),
+    ('[{"id": 3, "annotations": [{"result": [{"type": "brushlabels", "original_width": 99999, '
+     '"original_height": 99999, "value": {"rle": [], "brushlabels": ["x"]}}]}], '
+     '"data": {"cass_image_id": "s0/img0.png"}}]', "invalid image size"),
+    ('[{"id": 3, "annotations": [{"result": [{"type": "brushlabels", "value": {}}]}]}]',
+     "no brushlabels name"),
+    ("[{", "not valid JSON"),
+])
+def test_bad_label_studio_exports_are_one_line_errors(tmp_path, capsys, content, message):
+    scene = _scene(tmp_path)
+    path = tmp_path / "export.json"
+    path.write_text(content)
+    assert audit_main(["--labels", scene["labels"], "--gt-format", "labelstudio",
+                       "--ground-truth", str(path), "--report", str(tmp_path / "r"),
+                       "--no-progress"]) == 2
+    assert message in _one_line_error(capsys, "audit: error: ")
+
+
+def test_cloud_images_by_url_or_embedded(tmp_path, s3_bucket, s3_server):
+    """Loose images in S3 are referenced by their s3:// URL (Label Studio presigns it through
+    a connected source storage); --embed-images reads them and embeds them instead."""
+    fs = s3_server.filesystem()
+    photo = (np.random.default_rng(2).random((12, 16, 3)) * 255).astype(np.uint8)
+    fs.pipe(f"{s3_bucket}/photos/a.png", _png(photo))
+    uri = f"s3://{s3_bucket}/photos/a.png"
+    labels = tmp_path / "out"
+    write_labels_output(str(labels), {"s0": [ok_row("a.png", _label_map(0), 3,
+                                                    source_uri=uri)]}, CLASSES)
+    options = json.dumps(s3_server.storage_options)
+    out = tmp_path / "review"
+    args = ["--labels", str(labels), "--top", "1", "--out", str(out),
+            "--storage-options", options]
+    assert review_main(args) == 0
+    assert json.loads((out / "tasks.json").read_text())[0]["data"]["image"] == uri
+    assert review_main([*args, "--embed-images"]) == 0
+    embedded = json.loads((out / "tasks.json").read_text())[0]["data"]["image"]
+    data = base64.b64decode(embedded.split(",", 1)[1])
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), photo)
+    assert "cannot read" not in (out / "contact_sheet.html").read_text()
+
+
+def test_unreadable_image_is_reported_not_sent(tmp_path, capsys):
+    scene = _scene(tmp_path)
+    (tmp_path / "shard.tar").write_bytes(b"this is no tar archive")  # img6, img7 (top 2)
+    assert _review(scene, "--top", "3") == 0
+    err = capsys.readouterr().err
+    assert err.count("review: warning: no image for t0/sub/img") == 2
+    out = Path(scene["out"])
+    tasks = json.loads((out / "tasks.json").read_text())
+    assert len(tasks) == 1 and tasks[0]["data"]["cass_image_id"].startswith("p0/")
+    record = json.loads((out / "reviewed.json").read_text())
+    assert record["batches"][0]["image_ids"] == [t["data"]["cass_image_id"] for t in tasks]
+    sheet = (out / "contact_sheet.html").read_text()
+    assert sheet.count("<figure>") == 3 and "cannot read" in sheet
