@@ -26,17 +26,21 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayError
 
+from schemas.completion import check_output
+
 from .config import public_uri
 from .plan import JobConfig, JobPlan, StartupError, plan_job
 from .pool import WorkerPool, actor_resources, error_reason
 from .progress import Progress, emit_stderr
-from .record import now_iso, write_record
+from .record import Terminated, now_iso, output_totals
 from .shards import ShardSpec
+from .storage import is_local, remove_object
 from .worker import WorkerSpec
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 #: Extra time a worker that has not answered once since a shard was sent to it (still
 #: starting: importing, staging and loading weights) gets before the shard counts as stalled.
 STARTUP_GRACE_S = 600.0
@@ -63,11 +67,36 @@ def run_job(job: JobConfig, emit: Callable[[str], None] = emit_stderr) -> RunSum
 
 
 def execute_plan(plan: JobPlan, emit: Callable[[str], None] = emit_stderr) -> RunSummary:
-    """Label the shards of a checked plan (see :func:`pipeline.plan.plan_job`)."""
+    """Label the shards of a checked plan (see :func:`pipeline.plan.plan_job`); the output's
+    lease is released at the end, whatever happens.
+
+    Raises:
+        StartupError: the workers could not start, or a local output on a multi-node cluster.
+        KeyboardInterrupt: (SIGINT, or :class:`pipeline.record.Terminated` for SIGTERM)
+            after recording the run as ``interrupted``.
+    """
+    try:
+        return _execute(plan, emit)
+    except KeyboardInterrupt as exc:
+        if plan.record.get("status") == "running":  # before the scheduler ran
+            _end_record(plan, "interrupted", exit_code_of(exc), _resources(None))
+        raise
+    finally:
+        plan.release()
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code of an interrupted run: 143 after SIGTERM, 130 after SIGINT."""
+    return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+
+
+def _execute(plan: JobPlan, emit: Callable[[str], None]) -> RunSummary:
     job = plan.job
     progress = Progress(len(plan.todo), len(plan.skipped), job.compute.progress_interval_s, emit)
     emit(f"[cass-label] {len(plan.shards)} shard(s) in {public_uri(job.io.input_uri)}: "
-         f"{len(plan.todo)} to label, {len(plan.skipped)} already done")
+         f"{len(plan.todo)} to label, {len(plan.skipped)} already done (run {plan.run_id})")
+    for action in plan.record["history"][-1].get("actions", []):
+        emit(f"[cass-label] {action}")
     repeats = plan.record.get("vocabulary_repeats") or []
     if repeats:
         emit(f"[cass-label] warning: the vocabulary lists {_first(map(repr, repeats))} more "
@@ -83,22 +112,42 @@ def execute_plan(plan: JobPlan, emit: Callable[[str], None] = emit_stderr) -> Ru
     if not plan.todo:
         return _finish(plan, progress, [], _resources(None), 0)
     try:
+        check_output_placement(plan)
         pool = _start_pool(plan, emit)
     except StartupError as exc:
-        plan.record.update(status="failed", error=str(exc), ended_at=now_iso())
-        write_record(plan.out_fs, plan.out_root, plan.record)
+        plan.record["error"] = str(exc)
+        _end_record(plan, "failed", 2, _resources(None))
         raise
+    progress.total_shards, progress.skipped_shards = len(plan.todo), len(plan.skipped)
     progress.restart_clock()
     scheduler = Scheduler(pool, plan, progress)
     try:
         scheduler.run()
-    except KeyboardInterrupt:
-        _close(plan, progress, scheduler, pool, "interrupted")
+    except KeyboardInterrupt as exc:
+        _close(plan, progress, scheduler, pool, "interrupted", exit_code_of(exc))
         raise
     except BaseException:
         pool.shutdown()
         raise
     return _close(plan, progress, scheduler, pool)
+
+
+def check_output_placement(plan: JobPlan) -> None:
+    """Refuse a local output path on a multi-node cluster (each node has its own disk)
+    unless the user vouches that it is shared storage (``--output-is-shared``).
+
+    Raises:
+        StartupError: local output, several live nodes, not vouched for.
+    """
+    if not is_local(plan.out_fs) or plan.job.policy.output_is_shared:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        raise StartupError(
+            f"the output {plan.job.io.output_uri} is a local path and the cluster has "
+            f"{len(nodes)} nodes: each node would write to its own disk. Use an object store "
+            "URI (s3://, gs://), or pass --output-is-shared if the path is the same shared "
+            "file system on every node")
 
 
 def _first(names: Iterable[str], count: int = 5) -> str:
@@ -108,17 +157,19 @@ def _first(names: Iterable[str], count: int = 5) -> str:
 
 
 def _close(plan: JobPlan, progress: Progress, scheduler: Scheduler, pool: WorkerPool,
-           status: str | None = None) -> RunSummary:
+           status: str | None = None, exit_code: int | None = None) -> RunSummary:
     """Measure the actors, stop them, and write the final run record."""
     resources = _resources(pool)
     pool.shutdown()
-    return _finish(plan, progress, scheduler.failed, resources, scheduler.unscheduled, status)
+    return _finish(plan, progress, scheduler.failed, resources, scheduler.unscheduled, status,
+                   exit_code)
 
 
 def _start_pool(plan: JobPlan, emit: Callable[[str], None]) -> WorkerPool:
     compute = plan.job.compute
     resources = actor_resources(compute.actors, compute.gpus_per_actor, compute.cpus_per_actor)
-    spec = WorkerSpec(plan.job.engine, plan.job.io, compute, plan.fingerprint)
+    spec = WorkerSpec(plan.job.engine, plan.job.io, compute, plan.fingerprint,
+                      run_id=plan.run_id)
     pool = WorkerPool(plan, spec, resources)
     try:
         plan.record["models"] = pool.start()
@@ -132,21 +183,61 @@ def _start_pool(plan: JobPlan, emit: Callable[[str], None]) -> WorkerPool:
 
 
 def _finish(plan: JobPlan, progress: Progress, failed: list[dict], resources: dict,
-            unscheduled: int, status: str | None = None) -> RunSummary:
+            unscheduled: int, status: str | None = None,
+            exit_code: int | None = None) -> RunSummary:
     limited = unscheduled or progress.truncated
     status = status or ("incomplete" if failed else "limited" if limited else "complete")
-    record = plan.record
-    record.update(status=status, ended_at=now_iso(), totals=progress.totals(),
-                  failed_shards=failed, unscheduled_shards=unscheduled)
-    record["resources"] = resources
-    write_record(plan.out_fs, plan.out_root, record)
+    lost = plan.lease is not None and plan.lease.lost.is_set()
+    if lost and status != "interrupted":
+        status = "incomplete"
+    code = {"incomplete": EXIT_INCOMPLETE, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_OK)
+    code = exit_code if exit_code is not None else code
+    plan.record.update(failed_shards=failed, unscheduled_shards=unscheduled,
+                       this_run=progress.totals())
+    saved = _end_record(plan, status, code, resources)
     progress.live_images = 0
     progress.maybe_report(force=True)
     progress.emit(progress.summary(status, public_uri(plan.job.io.output_uri)))
     for shard in failed:
         progress.emit(f"[cass-label] failed shard {shard['shard_id']}: {shard['reasons'][-1]}")
-    code = {"incomplete": EXIT_INCOMPLETE, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_OK)
-    return RunSummary(status, code, record)
+    if not saved:
+        progress.emit("[cass-label] this run lost the output's lease to another run: its "
+                      "run record was not written and its unfinished shards are not in the "
+                      "output")
+    return RunSummary(status, code, plan.record)
+
+
+def _end_record(plan: JobPlan, status: str, exit_code: int, resources: dict) -> bool:
+    """Final totals (from the completion records, after removing labels objects that no
+    record names), history entry and run record; False when the lease was lost (nothing
+    written)."""
+    record = plan.record
+    record.update(status=status, ended_at=now_iso(), resources=resources)
+    record["totals"] = _output_totals(plan)
+    entry = record["history"][-1]
+    this_run = record.get("this_run") or {}
+    entry.update(status=status, ended_at=record["ended_at"], exit_code=exit_code,
+                 shards_labelled=this_run.get("shards_labelled", 0),
+                 shards_skipped=len(plan.skipped), images_labelled=this_run.get("images", 0),
+                 shards_failed=len(record.get("failed_shards") or []),
+                 retries=this_run.get("retries", 0))
+    return plan.save_record()
+
+
+def _output_totals(plan: JobPlan) -> dict:
+    """What the output holds now, from its completion records; uncertified labels objects
+    (attempts that lost, late writes) are removed while this run holds the lease."""
+    if plan.lease is not None and plan.lease.lost.is_set():
+        return plan.record.get("totals") or {}
+    try:
+        check = check_output(plan.out_fs, plan.out_root, plan.fingerprint)
+        for path in check.uncertified:
+            remove_object(plan.out_fs, path)
+    except OSError as exc:
+        return {"error": f"could not read the completion records: {type(exc).__name__}"}
+    totals = output_totals((c.record for c in check.certified.values()), len(plan.shards))
+    totals["shards_not_holding"] = sorted(check.problems)
+    return totals
 
 
 def _resources(pool: WorkerPool | None) -> dict:
@@ -164,6 +255,7 @@ class _Task:
     shard: ShardSpec
     attempt: int = 0
     reasons: list[str] = field(default_factory=list)
+    launches: int = 0  # names each launch's labels object (requeues launch again)
 
 
 @dataclass
@@ -325,7 +417,8 @@ class Scheduler:
             cap = -(-cap // max(1, self._free_capacity()))
         if cap is not None:
             self.budget -= cap
-        ref = self.pool.actors[slot].process_shard.remote(task.shard, cap)
+        ref = self.pool.actors[slot].process_shard.remote(task.shard, cap, task.launches)
+        task.launches += 1
         self.running[ref] = _Running(slot, self.pool.generation[slot], task, cap)
         self.load[slot] += 1
 
