@@ -277,18 +277,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"label.py: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     from pipeline.plan import plan_job
-    from pipeline.runner import execute_plan, exit_code_of
+    from pipeline.runner import abandon, execute_plan, exit_code_of
 
-    started = False
+    started, plan = False, None
     previous = _handle_sigterm()
     try:
         plan = plan_job(job)
         started = init_ray()
+        _handle_sigterm()  # again: ray.init installs its own SIGTERM handler (plain exit)
         return execute_plan(plan).exit_code
     except StartupError as exc:
+        abandon(plan, "failed", EXIT_BAD_CONFIG, str(exc))
         print(f"label.py: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except KeyboardInterrupt as exc:
+        abandon(plan, "interrupted", exit_code_of(exc))
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
         print(f"label.py: {what}; rerun the same command to resume", file=sys.stderr)
         return exit_code_of(exc)

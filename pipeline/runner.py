@@ -11,12 +11,17 @@ A watchdog polls the workers' shard heartbeats; a shard in which nothing has fin
 ``stall_timeout_s`` (a hung accelerator call, a storage read that never returns, a worker
 that stopped answering) costs its worker: the worker is killed and replaced, the stalled
 shard is retried (one attempt used) and the worker's other shards are requeued at no cost.
+
+The output belongs to one run at a time: :func:`pipeline.plan.plan_job` takes its lease and
+:func:`execute_plan` releases it, whatever happens. Each launch of a shard writes its own
+labels object and certifies it with a conditional completion record (:mod:`pipeline.writer`),
+so a retried shard whose first worker is still writing cannot appear twice.
+:mod:`pipeline.outcome` writes the final run record.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import resource
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -26,33 +31,33 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from schemas.completion import check_output
-
 from .config import public_uri
+from .outcome import (
+    EXIT_BAD_CONFIG,
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    RunSummary,
+    abandon,
+    check_output_placement,
+    driver_peak_memory_bytes,
+    end_record,
+    exit_code_of,
+    finish,
+)
 from .plan import JobConfig, JobPlan, StartupError, plan_job
 from .pool import WorkerPool, actor_resources, error_reason
 from .progress import Progress, emit_stderr
-from .record import Terminated, now_iso, output_totals
 from .shards import ShardSpec
-from .storage import is_local, remove_object
 from .worker import WorkerSpec
 
-EXIT_OK = 0
-EXIT_INCOMPLETE = 3
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
+__all__ = ["EXIT_INCOMPLETE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_TERMINATED", "RunSummary",
+           "Scheduler", "abandon", "execute_plan", "exit_code_of", "run_job"]
+
 #: Extra time a worker that has not answered once since a shard was sent to it (still
 #: starting: importing, staging and loading weights) gets before the shard counts as stalled.
 STARTUP_GRACE_S = 600.0
-
-
-@dataclass
-class RunSummary:
-    """Outcome of a run: ``complete``, ``limited``, ``incomplete`` or ``interrupted``."""
-
-    status: str
-    exit_code: int
-    record: dict
 
 
 def run_job(job: JobConfig, emit: Callable[[str], None] = emit_stderr) -> RunSummary:
@@ -78,16 +83,10 @@ def execute_plan(plan: JobPlan, emit: Callable[[str], None] = emit_stderr) -> Ru
     try:
         return _execute(plan, emit)
     except KeyboardInterrupt as exc:
-        if plan.record.get("status") == "running":  # before the scheduler ran
-            _end_record(plan, "interrupted", exit_code_of(exc), _resources(None))
+        abandon(plan, "interrupted", exit_code_of(exc))  # if the scheduler did not record it
         raise
     finally:
         plan.release()
-
-
-def exit_code_of(exc: BaseException) -> int:
-    """The exit code of an interrupted run: 143 after SIGTERM, 130 after SIGINT."""
-    return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
 
 def _execute(plan: JobPlan, emit: Callable[[str], None]) -> RunSummary:
@@ -110,13 +109,13 @@ def _execute(plan: JobPlan, emit: Callable[[str], None]) -> RunSummary:
         emit(f"[cass-label] warning: {len(stale['kept'])} done shard(s) in the output are no "
              f"longer in the input (kept): {_first(stale['kept'])}")
     if not plan.todo:
-        return _finish(plan, progress, [], _resources(None), 0)
+        return finish(plan, progress, [], _resources(None), 0)
     try:
         check_output_placement(plan)
         pool = _start_pool(plan, emit)
     except StartupError as exc:
         plan.record["error"] = str(exc)
-        _end_record(plan, "failed", 2, _resources(None))
+        end_record(plan, "failed", EXIT_BAD_CONFIG, _resources(None))
         raise
     progress.total_shards, progress.skipped_shards = len(plan.todo), len(plan.skipped)
     progress.restart_clock()
@@ -132,24 +131,6 @@ def _execute(plan: JobPlan, emit: Callable[[str], None]) -> RunSummary:
     return _close(plan, progress, scheduler, pool)
 
 
-def check_output_placement(plan: JobPlan) -> None:
-    """Refuse a local output path on a multi-node cluster (each node has its own disk)
-    unless the user vouches that it is shared storage (``--output-is-shared``).
-
-    Raises:
-        StartupError: local output, several live nodes, not vouched for.
-    """
-    if not is_local(plan.out_fs) or plan.job.policy.output_is_shared:
-        return
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1:
-        raise StartupError(
-            f"the output {plan.job.io.output_uri} is a local path and the cluster has "
-            f"{len(nodes)} nodes: each node would write to its own disk. Use an object store "
-            "URI (s3://, gs://), or pass --output-is-shared if the path is the same shared "
-            "file system on every node")
-
-
 def _first(names: Iterable[str], count: int = 5) -> str:
     """The first ``count`` names, comma-separated, with ``...`` when there are more."""
     names = list(names)
@@ -161,7 +142,7 @@ def _close(plan: JobPlan, progress: Progress, scheduler: Scheduler, pool: Worker
     """Measure the actors, stop them, and write the final run record."""
     resources = _resources(pool)
     pool.shutdown()
-    return _finish(plan, progress, scheduler.failed, resources, scheduler.unscheduled, status,
+    return finish(plan, progress, scheduler.failed, resources, scheduler.unscheduled, status,
                    exit_code)
 
 
@@ -180,64 +161,6 @@ def _start_pool(plan: JobPlan, emit: Callable[[str], None]) -> WorkerPool:
         emit(f"[cass-label] worker pid {info['pid']} on {info['host']}: device {info['device']}"
              f", GPUs {info['gpu_ids'] or '-'}")
     return pool
-
-
-def _finish(plan: JobPlan, progress: Progress, failed: list[dict], resources: dict,
-            unscheduled: int, status: str | None = None,
-            exit_code: int | None = None) -> RunSummary:
-    limited = unscheduled or progress.truncated
-    status = status or ("incomplete" if failed else "limited" if limited else "complete")
-    lost = plan.lease is not None and plan.lease.lost.is_set()
-    if lost and status != "interrupted":
-        status = "incomplete"
-    code = {"incomplete": EXIT_INCOMPLETE, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_OK)
-    code = exit_code if exit_code is not None else code
-    plan.record.update(failed_shards=failed, unscheduled_shards=unscheduled,
-                       this_run=progress.totals())
-    saved = _end_record(plan, status, code, resources)
-    progress.live_images = 0
-    progress.maybe_report(force=True)
-    progress.emit(progress.summary(status, public_uri(plan.job.io.output_uri)))
-    for shard in failed:
-        progress.emit(f"[cass-label] failed shard {shard['shard_id']}: {shard['reasons'][-1]}")
-    if not saved:
-        progress.emit("[cass-label] this run lost the output's lease to another run: its "
-                      "run record was not written and its unfinished shards are not in the "
-                      "output")
-    return RunSummary(status, code, plan.record)
-
-
-def _end_record(plan: JobPlan, status: str, exit_code: int, resources: dict) -> bool:
-    """Final totals (from the completion records, after removing labels objects that no
-    record names), history entry and run record; False when the lease was lost (nothing
-    written)."""
-    record = plan.record
-    record.update(status=status, ended_at=now_iso(), resources=resources)
-    record["totals"] = _output_totals(plan)
-    entry = record["history"][-1]
-    this_run = record.get("this_run") or {}
-    entry.update(status=status, ended_at=record["ended_at"], exit_code=exit_code,
-                 shards_labelled=this_run.get("shards_labelled", 0),
-                 shards_skipped=len(plan.skipped), images_labelled=this_run.get("images", 0),
-                 shards_failed=len(record.get("failed_shards") or []),
-                 retries=this_run.get("retries", 0))
-    return plan.save_record()
-
-
-def _output_totals(plan: JobPlan) -> dict:
-    """What the output holds now, from its completion records; uncertified labels objects
-    (attempts that lost, late writes) are removed while this run holds the lease."""
-    if plan.lease is not None and plan.lease.lost.is_set():
-        return plan.record.get("totals") or {}
-    try:
-        check = check_output(plan.out_fs, plan.out_root, plan.fingerprint)
-        for path in check.uncertified:
-            remove_object(plan.out_fs, path)
-    except OSError as exc:
-        return {"error": f"could not read the completion records: {type(exc).__name__}"}
-    totals = output_totals((c.record for c in check.certified.values()), len(plan.shards))
-    totals["shards_not_holding"] = sorted(check.problems)
-    return totals
 
 
 def _resources(pool: WorkerPool | None) -> dict:
@@ -475,8 +398,3 @@ class Scheduler:
             task = (self.retries or self.fresh).popleft()
             task.reasons.append(reason)
             self._fail(task)
-
-
-def driver_peak_memory_bytes() -> int:
-    """Peak resident memory of this (driver) process."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
