@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pipeline.config import ComputeConfig, ConfigError, IOConfig, storage_options_argument
 from pipeline.engine import EngineSpec
 from pipeline.plan import JobConfig, OutputPolicy, StartupError
-from pipeline.record import Terminated
+from pipeline.record import TERMINATED, Terminated, is_termination
 from pipeline.stub import StubOptions
 
 EXIT_BAD_CONFIG = 2
@@ -264,6 +264,7 @@ def _configure_logging() -> None:
 
 
 def _terminate(signum: int, frame: object) -> None:
+    TERMINATED.set()
     raise Terminated(f"signal {signum}")
 
 
@@ -280,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.runner import abandon, execute_plan, exit_code_of
 
     started, plan = False, None
+    TERMINATED.clear()
     previous = _handle_sigterm()
     try:
         plan = plan_job(job)
@@ -292,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_CONFIG
     except KeyboardInterrupt as exc:
         abandon(plan, "interrupted", exit_code_of(exc))
-        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        what = "terminated" if is_termination(exc) else "interrupted"
         print(f"label.py: {what}; rerun the same command to resume", file=sys.stderr)
         return exit_code_of(exc)
     finally:

@@ -17,7 +17,7 @@ from schemas.completion import check_output
 from .config import public_uri
 from .plan import JobPlan, StartupError
 from .progress import Progress
-from .record import Terminated, now_iso, output_totals
+from .record import is_termination, now_iso, output_totals
 from .storage import is_local, remove_object
 
 EXIT_OK = 0
@@ -53,7 +53,7 @@ def abandon(plan: JobPlan | None, status: str, exit_code: int, error: str | None
 
 def exit_code_of(exc: BaseException) -> int:
     """The exit code of an interrupted run: 143 after SIGTERM, 130 after SIGINT."""
-    return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+    return EXIT_TERMINATED if is_termination(exc) else EXIT_INTERRUPTED
 
 
 def check_output_placement(plan: JobPlan) -> None:

@@ -37,6 +37,7 @@ from .record import (
     input_identity,
     new_record,
     now_iso,
+    output_totals,
     previous_history,
     read_existing_record,
     shards_to_skip,
@@ -213,7 +214,9 @@ def _plan_holding_lease(job: JobConfig, vocabulary: Any, shards: list[ShardSpec]
     record = new_record(identity, fingerprint, categories, vocabulary, job.io.public_dict(),
                         dataclasses.asdict(job.compute), lease.run_id)
     record.update(started_at=lease.started_at, stale_shards=stale,
-                  vocabulary_repeats=vocabulary.duplicate_queries())
+                  vocabulary_repeats=vocabulary.duplicate_queries(),
+                  totals=output_totals(list(skipped.values()) + [
+                      c.record for c in kept.values()], len(shards)))
     same = existing if existing and existing.get("fingerprint") == fingerprint else None
     if same:
         # the weight hashes the output was labelled with stay on record until a worker has

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -38,6 +39,16 @@ class OutputConflict(RuntimeError):
 
 class Terminated(KeyboardInterrupt):
     """The job received SIGTERM; handled like Ctrl-C (exit code 143 instead of 130)."""
+
+
+#: Set by the SIGTERM handler: Ray's blocking calls turn any exception raised by a signal
+#: handler into a plain KeyboardInterrupt, so the exception type alone cannot tell.
+TERMINATED = threading.Event()
+
+
+def is_termination(exc: BaseException) -> bool:
+    """Whether an interrupt came from SIGTERM (rather than Ctrl-C / SIGINT)."""
+    return isinstance(exc, Terminated) or TERMINATED.is_set()
 
 
 def input_identity(io: IOConfig, kind: str) -> dict:
@@ -109,9 +120,9 @@ def check_compatible(existing: Mapping | None, identity: Mapping, fingerprint: s
     differs = _differences(existing.get("identity", {}), identity)
     raise OutputConflict(
         "the output was labelled with a different configuration "
-        f"({'; '.join(differs) or 'fingerprint differs'}); rerun with the same vocabulary and "
-        "engine settings to resume, use --overwrite to replace the output, or choose another "
-        "--output")
+        f"({'; '.join(differs) or 'fingerprint differs'}); rerun with the same vocabulary, "
+        "engine settings and input to resume, use --overwrite to replace the output, or choose "
+        "another --output")
 
 
 def check_same_weights(existing: Mapping | None, models: Mapping) -> None:
@@ -159,7 +170,7 @@ def _differences(before: Mapping, after: Mapping, prefix: str = "") -> list[str]
 
 def _short(value: Any) -> str:
     text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def clear_output(fs: Any, root: str) -> None:
