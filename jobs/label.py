@@ -55,7 +55,8 @@ def _io_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--input", required=True, help="input URI: a prefix/directory, a glob "
                        "or one shard file (s3://, gs://, local path, memory://)")
     group.add_argument("--output", required=True, help="output URI prefix; gets run.json, "
-                       "labels/<shard>.parquet and _done/<shard>.json")
+                       "_lease.json while a run writes it, labels/<shard>.<run>-<n>.parquet "
+                       "and _done/<shard>.json (names the table that is in the output)")
     group.add_argument("--format", choices=["auto", "webdataset", "parquet", "images"],
                        help=f"input shard format (default: {d('input_format')}: detect from "
                        "file extensions)")
