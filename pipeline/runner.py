@@ -210,6 +210,7 @@ class Scheduler:
         self.dead: set[int] = set()  # slots whose worker was not replaced (run abandoned)
         self.draining: int | None = None  # slot left to empty for a waiting retry
         self.abandoned: str | None = None
+        self.lease = plan.lease  # lost to another run: nothing more is scheduled
         self.interval = compute.progress_interval_s
         self.stall_timeout = compute.stall_timeout_s
         self.poll_every = min(self.interval, 10.0, (self.stall_timeout or 60.0) / 4)
@@ -218,6 +219,8 @@ class Scheduler:
     def run(self) -> list[dict]:
         """Label every shard; returns the failed shards with their reasons."""
         while self.fresh or self.retries or self.running:
+            if self.lease is not None and self.lease.lost.is_set() and not self.abandoned:
+                self._abandon("this run lost the output's lease to another run")
             self._submit()
             if not self.running:
                 break

@@ -8,6 +8,7 @@ completion records match ``run.json`` and that nothing uncertified is visible to
 
 from __future__ import annotations
 
+import calendar
 import dataclasses
 import json
 import os
@@ -76,14 +77,17 @@ def _records(fs, root: str) -> dict[str, dict]:
 # ---------------------------------------------------------------------- primitives
 @pytest.fixture(params=["memory", "local", "s3"])
 def store(request, tmp_path):
-    """``(fs, root)`` of an empty output on each kind of store."""
+    """``(fs, root)`` of an empty output on each kind of store. (Not GCS: the test emulator
+    ignores ``ifGenerationMatch``, so it cannot show a conditional create failing; gcsfs maps
+    real GCS's 412 to ``FileExistsError``, which :mod:`pipeline.conditional` handles.)"""
     if request.param == "memory":
         yield open_output(f"memory://lease-{time.monotonic_ns()}")
     elif request.param == "local":
         yield open_output(str(tmp_path / "out"))
     else:
-        server = request.getfixturevalue("s3_server")
-        yield open_output(f"s3://{server.new_bucket()}/out", server.storage_options)
+        server = request.getfixturevalue(f"{request.param}_server")
+        yield open_output(f"{request.param}://{server.new_bucket()}/out",
+                          server.storage_options)
 
 
 def test_conditional_create_and_replace_let_exactly_one_writer_win(store):
@@ -354,3 +358,46 @@ def test_signals_to_the_driver_record_interrupted_and_a_rerun_completes(
     name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
     fault_row(f"{name} to the driver mid-run", 2, audit,
               f"exit {code}, run.json interrupted, lease released; rerun completes")
+
+
+# ---------------------------------------------------------------------- lease lost
+def test_a_run_that_loses_its_lease_stops_certifying(ray_cpus, s3_server, vocab_file):
+    bucket = s3_server.new_bucket()
+    fs = s3_server.filesystem()
+    ids = _upload(fs, f"{bucket}/wds", num_shards=4, per_shard=4)
+    output = f"s3://{bucket}/out"
+    job = _job(f"s3://{bucket}/wds", output, vocab_file, s3_server,
+               StubOptions(seconds_per_image=0.3), OutputPolicy(lease_ttl_s=2.0), actors=1,
+               shards_per_actor=1, max_attempts=2)
+    out_fs, root = open_output(output, s3_server.storage_options)
+    results: list = []
+    runner = threading.Thread(target=lambda: results.append(run_job(job, emit=lambda _: None)))
+    runner.start()
+    deadline = time.monotonic() + 120
+    while not _records(out_fs, root):
+        assert time.monotonic() < deadline and runner.is_alive(), "the run did not start"
+        time.sleep(0.1)
+    holder = read_holder(out_fs, root)
+    thief = dataclasses.replace(holder, run_id="run-that-took-over", expires_at=time.time() + 600)
+    fs.pipe_file(f"{root}/_lease.json", thief.to_bytes())  # as if it expired and was taken
+    taken_at = time.time()
+    runner.join(timeout=120)
+    summary = results[0]
+    assert summary.status == "incomplete" and summary.exit_code == 3
+    assert any("lost the output's lease" in " ".join(f["reasons"])
+               for f in summary.record["failed_shards"])
+    records = _records(out_fs, root)
+    assert 1 <= len(records) < 4
+    assert read_holder(out_fs, root).run_id == "run-that-took-over"  # not released by the loser
+    assert read_run_record(output, s3_server.storage_options)["status"] == "running"  # not its
+    late = [r for r in records.values()
+            if calendar.timegm(time.strptime(r["written_at"], "%Y-%m-%dT%H:%M:%SZ"))
+            > taken_at + 1]
+    assert late == []  # nothing certified after the takeover (1 s: record clock granularity)
+    fs.rm(f"{root}/_lease.json")  # the other run ends
+    again = run_job(job, emit=lambda _: None)
+    assert again.status == "complete"
+    audit = audit_output(output, s3_server.storage_options, ids)
+    assert_exactly_once(audit)
+    fault_row("lease taken over mid-run (the run's renewals lost)", 2, audit,
+              "loser stops certifying, exit 3, leaves run.json and lease alone; rerun completes")
