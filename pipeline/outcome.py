@@ -56,6 +56,11 @@ def exit_code_of(exc: BaseException) -> int:
     return EXIT_TERMINATED if is_termination(exc) else EXIT_INTERRUPTED
 
 
+def live_node_count() -> int:
+    """Nodes of the current Ray cluster that are alive."""
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 def check_output_placement(plan: JobPlan) -> None:
     """Refuse a local output path on a multi-node cluster (each node has its own disk)
     unless the user vouches that it is shared storage (``--output-is-shared``).
@@ -65,11 +70,11 @@ def check_output_placement(plan: JobPlan) -> None:
     """
     if not is_local(plan.out_fs) or plan.job.policy.output_is_shared:
         return
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1:
+    nodes = live_node_count()
+    if nodes > 1:
         raise StartupError(
             f"the output {plan.job.io.output_uri} is a local path and the cluster has "
-            f"{len(nodes)} nodes: each node would write to its own disk. Use an object store "
+            f"{nodes} nodes: each node would write to its own disk. Use an object store "
             "URI (s3://, gs://), or pass --output-is-shared if the path is the same shared "
             "file system on every node")
 

@@ -401,3 +401,43 @@ def test_a_run_that_loses_its_lease_stops_certifying(ray_cpus, s3_server, vocab_
     assert_exactly_once(audit)
     fault_row("lease taken over mid-run (the run's renewals lost)", 2, audit,
               "loser stops certifying, exit 3, leaves run.json and lease alone; rerun completes")
+
+
+# ---------------------------------------------------------------------- local outputs
+def test_relative_local_paths_resolve_here_and_are_refused_under_ray_job_submit(
+        tmp_path, vocab_file, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert label_job.local_path("out/run1", "--output") == str(tmp_path / "out" / "run1")
+    assert label_job.local_path("s3://bucket/out", "--output") == "s3://bucket/out"
+    job = json.dumps({"metadata": {"job_submission_id": "raysubmit_abc"}})
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", job)
+    assert label_job.local_path("samples", "--input") == str(tmp_path / "samples")
+    assert label_job.local_path("/shared/out", "--output") == "/shared/out"
+    argv = ["--engine", "stub", "--vocab", str(vocab_file), "--input", "in", "--output",
+            "out/run1"]
+    assert label_job.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "job raysubmit_abc" in err and "temporary copy" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_output_on_a_multi_node_cluster_needs_output_is_shared(ray_cpus, tmp_path,
+                                                                    vocab_file, monkeypatch):
+    import pipeline.outcome
+
+    (tmp_path / "in").mkdir()
+    for i, array in enumerate(photos(3, 40)):
+        (tmp_path / "in" / f"im{i}.png").write_bytes(encode(array))
+    monkeypatch.setattr(pipeline.outcome, "live_node_count", lambda: 2)  # the driver's view
+    job = _job(str(tmp_path / "in"), str(tmp_path / "out"), vocab_file)
+    with pytest.raises(StartupError, match="local path and the cluster has 2 nodes.*"
+                                           "--output-is-shared"):
+        run_job(job, emit=lambda _: None)
+    record = read_run_record(str(tmp_path / "out"))
+    assert record["status"] == "failed" and record["history"][-1]["exit_code"] == 2
+    assert not (tmp_path / "out" / "_lease.json").exists()
+    shared = dataclasses.replace(job, policy=OutputPolicy(output_is_shared=True))
+    assert run_job(shared, emit=lambda _: None).status == "complete"
+    assert_exactly_once(audit_output(str(tmp_path / "out"), None,
+                                     [f"images-000000/im{i}.png" for i in range(3)]))

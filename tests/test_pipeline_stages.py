@@ -556,6 +556,9 @@ def test_cli_flags_only_override_dataclass_defaults(vocab_file):
     cwd = os.getcwd()  # relative local paths: against the directory the command runs in
     assert job.io == IOConfig(f"{cwd}/in", f"{cwd}/out") and job.compute == ComputeConfig()
     assert job.policy == OutputPolicy()
+    flags = ["--wait-for-lease", "30", "--lease-ttl", "10", "--verify", "--output-is-shared"]
+    assert job_from_args(build_parser().parse_args(base + flags)).policy == OutputPolicy(
+        wait_for_lease_s=30.0, lease_ttl_s=10.0, verify=True, output_is_shared=True)
     job = job_from_args(build_parser().parse_args(base + ["--batch-size", "4", "--format",
                                                           "parquet", "--random-weights", "3"]))
     assert job.compute.batch_size == 4 and job.compute.actors is None
