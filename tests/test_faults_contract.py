@@ -441,3 +441,36 @@ def test_local_output_on_a_multi_node_cluster_needs_output_is_shared(ray_cpus, t
     assert run_job(shared, emit=lambda _: None).status == "complete"
     assert_exactly_once(audit_output(str(tmp_path / "out"), None,
                                      [f"images-000000/im{i}.png" for i in range(3)]))
+
+
+# ---------------------------------------------------------------------- foreign records
+def test_a_record_of_another_configuration_is_an_error_for_readers_and_redone(tmp_path,
+                                                                            vocab_file):
+    from pipeline.writer import ShardSuperseded
+
+    (tmp_path / "in").mkdir()
+    for i, array in enumerate(photos(4, 40)):
+        (tmp_path / "in" / f"im{i}.png").write_bytes(encode(array))
+    config = CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab_file))
+    job = JobConfig(IOConfig(str(tmp_path / "in"), str(tmp_path / "out"), images_per_shard=2),
+                    ComputeConfig(batch_size=2), EngineSpec(config, stub=StubOptions()))
+    plan = plan_job(job)
+    worker = LabelWorker(WorkerSpec(job.engine, job.io, job.compute, plan.fingerprint,
+                                    plan.file_metadata({}), run_id=plan.run_id))
+    worker.prepare(worker.compute_text_embeddings())
+    for shard in plan.todo:
+        worker.process_shard(shard)
+    done = tmp_path / "out" / "_done" / "images-000001.json"
+    foreign = {**json.loads(done.read_text()), "fingerprint": "f" * 64}
+    done.write_text(json.dumps(foreign))  # a zombie of an older configuration won the create
+    with pytest.raises(ShardSuperseded, match="images-000001 was certified meanwhile"):
+        worker.process_shard(plan.todo[1], attempt=1)
+    assert len(list((tmp_path / "out" / "labels").iterdir())) == 2  # the loser cleaned up
+    plan.release()
+    with pytest.raises(OutputIntegrityError, match=r"shard images-000001: .* another "
+                                                   r"configuration \(fingerprint ffffffffffff"):
+        list_label_files(str(tmp_path / "out"))
+    again = plan_job(job)  # the holder redoes it: the foreign record is removed first
+    again.release()
+    assert [s.shard_id for s in again.todo] == ["images-000001"]
+    assert not done.exists() and len(list((tmp_path / "out" / "labels").iterdir())) == 1
