@@ -210,7 +210,7 @@ class Scheduler:
         self.dead: set[int] = set()  # slots whose worker was not replaced (run abandoned)
         self.draining: int | None = None  # slot left to empty for a waiting retry
         self.abandoned: str | None = None
-        self.lease = plan.lease  # lost to another run: nothing more is scheduled
+        self.lease = getattr(plan, "lease", None)  # lost to another run: nothing more runs
         self.interval = compute.progress_interval_s
         self.stall_timeout = compute.stall_timeout_s
         self.poll_every = min(self.interval, 10.0, (self.stall_timeout or 60.0) / 4)
