@@ -25,11 +25,12 @@ import errno
 import fcntl
 import hashlib
 import os
+import secrets
 import threading
 from collections.abc import Iterator
 from typing import Any
 
-from .storage import is_local, retry
+from .storage import is_local, remove_object, retry
 
 _MEMORY_LOCK = threading.RLock()
 
@@ -95,6 +96,23 @@ def _create_local(path: str, data: bytes) -> str:
     finally:
         os.unlink(partial)
     return _digest(data)
+
+
+def honours_conditional_create(fs: Any, directory: str) -> bool:
+    """Whether the store refuses a second create of one object (some S3-compatible stores
+    ignore ``If-None-Match``; the GCS test emulator ignores ``ifGenerationMatch``). Probes
+    with a short-lived object under ``directory`` on object stores; True elsewhere."""
+    if not (_is_s3(fs) or _is_gcs(fs)):
+        return True
+    probe = f"{directory}/_conditional-probe-{secrets.token_hex(6)}"
+    create_object(fs, probe, b"1")
+    try:
+        create_object(fs, probe, b"2")
+        return False
+    except PreconditionFailed:
+        return True
+    finally:
+        remove_object(fs, probe)
 
 
 def read_object(fs: Any, path: str) -> tuple[bytes, str] | None:

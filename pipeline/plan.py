@@ -22,6 +22,7 @@ from schemas import Category, categories_from_classes, run_metadata
 from schemas.completion import OutputCheck, check_output, read_records, record_labels_name
 from schemas.io import done_path
 
+from .conditional import honours_conditional_create
 from .config import ComputeConfig, IOConfig
 from .engine import EngineSpec
 from .lease import DEFAULT_TTL_S, Lease, LeaseHeld, check_holder
@@ -201,6 +202,11 @@ def _plan_holding_lease(job: JobConfig, vocabulary: Any, shards: list[ShardSpec]
                         identity: dict, fingerprint: str, out_fs: Any, out_root: str,
                         lease: Lease) -> JobPlan:
     existing, records, actions = _check_output(job.io, out_fs, out_root, identity, fingerprint)
+    if not _guarded(lambda: honours_conditional_create(out_fs, out_root),
+                    "probe conditional writes on", job.io.output_uri):
+        actions.append("warning: the output's store ignores conditional writes (S3 "
+                       "If-None-Match / GCS ifGenerationMatch): overlapping runs and late "
+                       "attempts are not excluded there; run one job per output at a time")
     check = _guarded(lambda: check_output(out_fs, out_root, fingerprint, job.policy.verify,
                                           records), "check the completion records of",
                      job.io.output_uri)

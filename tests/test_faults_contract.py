@@ -26,7 +26,13 @@ from fault_table import assert_exactly_once, audit_output, fault_row
 from cass_engine import CassConfig
 from jobs import export_coco
 from jobs import label as label_job
-from pipeline.conditional import PreconditionFailed, create_object, read_object, replace_object
+from pipeline.conditional import (
+    PreconditionFailed,
+    create_object,
+    honours_conditional_create,
+    read_object,
+    replace_object,
+)
 from pipeline.config import ComputeConfig, IOConfig
 from pipeline.engine import EngineSpec
 from pipeline.lease import Lease, LeaseHeld, LeaseLost, check_holder, read_holder
@@ -102,6 +108,17 @@ def test_conditional_create_and_replace_let_exactly_one_writer_win(store):
     with pytest.raises(PreconditionFailed):  # a second replacer holding the old version
         replace_object(fs, path, b"fourth", read_token)
     assert read_object(fs, path) == (b"third", newer)
+
+
+def test_stores_that_ignore_conditional_writes_are_detected(s3_server, gcs_server):
+    fs, root = open_output(f"s3://{s3_server.new_bucket()}/out", s3_server.storage_options)
+    assert honours_conditional_create(fs, root)
+    gcs, groot = open_output(f"gs://{gcs_server.new_bucket()}/out", gcs_server.storage_options)
+    assert not honours_conditional_create(gcs, groot)  # the emulator ignores the condition
+    fs.invalidate_cache()
+    gcs.invalidate_cache()
+    left = fs.find(root) + gcs.find(groot)
+    assert not [p for p in left if "probe" in p], left  # the probes are gone
 
 
 def test_lease_is_exclusive_waits_and_is_taken_over_only_after_expiry(store):

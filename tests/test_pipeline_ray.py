@@ -121,6 +121,8 @@ def test_gcs_image_prefix_to_gcs_then_rerun_skips_everything(ray_cpus, gcs_serve
                io_options={"images_per_shard": 2})
     summary = run_job(job, emit=lambda _: None)
     assert summary.status == "complete" and summary.record["totals"]["images"] == 5
+    assert any("ignores conditional writes" in action  # the emulator does; told, not hidden
+               for action in summary.record["history"][-1]["actions"])
     rows = _rows(output, gcs_server)
     assert all(row["source_uri"].startswith(f"gs://{bucket}/photos/") for row in rows)
     _assert_labels_equal_stub(rows, {r["image_id"]: images[r["key"]] for r in rows})
