@@ -18,7 +18,7 @@ from .config import public_uri
 from .plan import JobPlan, StartupError
 from .progress import Progress
 from .record import is_termination, now_iso, output_totals
-from .storage import is_local, remove_object
+from .storage import is_local, remove_object, retry
 
 EXIT_OK = 0
 EXIT_BAD_CONFIG = 2
@@ -127,7 +127,8 @@ def _output_totals(plan: JobPlan) -> dict:
     if plan.lease is not None and plan.lease.lost.is_set():
         return plan.record.get("totals") or {}
     try:
-        check = check_output(plan.out_fs, plan.out_root, plan.fingerprint)
+        check = retry(lambda: check_output(plan.out_fs, plan.out_root, plan.fingerprint),
+                      "read the completion records")
         for path in check.uncertified:
             remove_object(plan.out_fs, path)
     except OSError as exc:

@@ -46,7 +46,7 @@ from .record import (
     write_record,
 )
 from .shards import IMAGE_GROUP_ID, InputError, ShardSpec, list_shards
-from .storage import filesystem, remove_object
+from .storage import filesystem, remove_object, retry
 
 
 @dataclass(frozen=True)
@@ -207,9 +207,9 @@ def _plan_holding_lease(job: JobConfig, vocabulary: Any, shards: list[ShardSpec]
         actions.append("warning: the output's store ignores conditional writes (S3 "
                        "If-None-Match / GCS ifGenerationMatch): overlapping runs and late "
                        "attempts are not excluded there; run one job per output at a time")
-    check = _guarded(lambda: check_output(out_fs, out_root, fingerprint, job.policy.verify,
-                                          records), "check the completion records of",
-                     job.io.output_uri)
+    check = _guarded(lambda: retry(lambda: check_output(
+        out_fs, out_root, fingerprint, job.policy.verify, records), "check the completion "
+        "records"), "check the completion records of", job.io.output_uri)
     stale = _stale_shards(shards, set(records))
     skipped = shards_to_skip(shards, check.certified, fingerprint)
     kept = {sid: check.certified[sid] for sid in stale["kept"] if sid in check.certified}
@@ -280,8 +280,8 @@ def _check_output(io: IOConfig, fs: Any, root: str, identity: dict, fingerprint:
         if not io.overwrite:
             raise StartupError(f"refusing to write to {io.output_uri}: {exc}") from exc
         existing = None
-    records = _guarded(lambda: read_records(fs, root), "list the completed shards of",
-                       io.output_uri)
+    records = _guarded(lambda: retry(lambda: read_records(fs, root), "read the completion "
+                                     "records"), "list the completed shards of", io.output_uri)
     try:
         check_compatible(existing, identity, fingerprint, bool(records))
     except OutputConflict as exc:

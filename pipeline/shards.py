@@ -92,7 +92,7 @@ def _list_files(fs: Any, root: str, uri: str) -> tuple[dict[str, int], dict[str,
 def _version(info: dict) -> str:
     """What changes when an object is rewritten: ETag (S3), generation (GCS), else the
     modification time (local disks, memory)."""
-    for name in ("ETag", "etag", "generation", "mtime", "LastModified", "updated", "created"):
+    for name in ("ETag", "generation", "etag", "mtime", "LastModified", "updated", "created"):
         if info.get(name) is not None:
             return f"{name}={info[name]}"
     return ""

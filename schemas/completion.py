@@ -89,7 +89,12 @@ def record_labels_name(record: Mapping, shard_id: str) -> str:
 
 
 def read_records(fs: Any, root: str) -> dict[str, dict | None]:
-    """``{shard_id: record}`` of every completion record (None: unreadable)."""
+    """``{shard_id: record}`` of every completion record (None: not valid JSON).
+
+    Raises:
+        OSError: a record could not be read (other than having vanished since the listing);
+            callers retry transient errors, so that a flaky read never counts as a bad record.
+    """
     directory = f"{root}/{DONE_DIR}"
     names = _list(fs, directory)
     paths = {f"{directory}/{n}": n[: -len(DONE_SUFFIX)] for n in names if n.endswith(DONE_SUFFIX)}
@@ -97,6 +102,10 @@ def read_records(fs: Any, root: str) -> dict[str, dict | None]:
     out: dict[str, dict | None] = {}
     for path, shard_id in sorted(paths.items(), key=lambda kv: kv[1]):
         blob = blobs.get(path, blobs.get(fs.unstrip_protocol(path)))
+        if isinstance(blob, FileNotFoundError):  # removed since the listing
+            continue
+        if isinstance(blob, BaseException):
+            raise blob
         out[shard_id] = _parse(blob)
     return out
 

@@ -491,3 +491,38 @@ def test_a_record_of_another_configuration_is_an_error_for_readers_and_redone(tm
     again.release()
     assert [s.shard_id for s in again.todo] == ["images-000001"]
     assert not done.exists() and len(list((tmp_path / "out" / "labels").iterdir())) == 1
+
+
+def test_a_flaky_read_of_a_record_is_retried_not_taken_for_a_bad_record(tmp_path, vocab_file,
+                                                                        monkeypatch):
+    from pipeline import storage
+
+    (tmp_path / "in").mkdir()
+    for i, array in enumerate(photos(4, 40)):
+        (tmp_path / "in" / f"im{i}.png").write_bytes(encode(array))
+    config = CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab_file))
+    job = JobConfig(IOConfig(str(tmp_path / "in"), str(tmp_path / "out"), images_per_shard=2),
+                    ComputeConfig(batch_size=2), EngineSpec(config, stub=StubOptions()))
+    plan = plan_job(job)
+    worker = LabelWorker(WorkerSpec(job.engine, job.io, job.compute, plan.fingerprint,
+                                    plan.file_metadata({}), run_id=plan.run_id))
+    worker.prepare(worker.compute_text_embeddings())
+    for shard in plan.todo:
+        worker.process_shard(shard)
+    plan.release()
+    fs = plan.out_fs
+    real_cat, flaky = fs.cat, []
+
+    def cat(paths, on_error="raise", **kwargs):
+        out = real_cat(paths, on_error=on_error, **kwargs)
+        if not flaky:  # the first read of the records: one answer is a reset connection
+            flaky.append(paths[0])
+            out[paths[0]] = ConnectionResetError("connection reset by peer")
+        return out
+
+    monkeypatch.setattr(fs, "cat", cat)
+    monkeypatch.setattr(storage.random, "uniform", lambda a, b: 0.01)
+    again = plan_job(job)
+    again.release()
+    assert flaky and sorted(again.skipped) == ["images-000000", "images-000001"]
+    assert again.todo == []
