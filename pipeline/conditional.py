@@ -9,9 +9,10 @@ These are the primitives of the output contract (:mod:`pipeline.lease`, completi
   public call for a generation-matched replace, so replace reads the object, compares its
   generation, and writes: a race of two replacers within one round trip is not excluded.
 - **Local disks**: create writes a temporary file and hard-links it into place (fails if the
-  name exists; the content appears whole); replace happens under an exclusive ``flock`` on a
-  side file, compared by content hash. Processes on other machines sharing the disk must use a
-  filesystem whose ``flock`` is honoured across clients.
+  name exists; the content appears whole; ``O_EXCL`` where hard links are not supported);
+  replace happens under an exclusive ``flock`` on a side file, compared by content hash.
+  Processes on other machines sharing the disk need a file system whose ``flock`` is
+  honoured across clients.
 - **memory://**: one process; a lock makes check-and-write atomic.
 
 A *token* identifies the version of an object that was read or written (ETag, generation, or
@@ -33,6 +34,7 @@ from typing import Any
 from .storage import is_local, remove_object, retry
 
 _MEMORY_LOCK = threading.RLock()
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK}
 
 
 class PreconditionFailed(Exception):
@@ -93,9 +95,22 @@ def _create_local(path: str, data: bytes) -> str:
         os.link(partial, path)
     except FileExistsError:
         raise PreconditionFailed(path) from None
+    except OSError as exc:  # no hard links here (some network/FUSE file systems)
+        if exc.errno not in _NO_LINKS:
+            raise
+        _create_exclusive(path, data)
     finally:
         os.unlink(partial)
     return _digest(data)
+
+
+def _create_exclusive(path: str, data: bytes) -> None:
+    """``O_EXCL`` create: exclusive, though a reader may see the object before it is whole."""
+    try:
+        with open(path, "xb") as f:
+            f.write(data)
+    except FileExistsError:
+        raise PreconditionFailed(path) from None
 
 
 def honours_conditional_create(fs: Any, directory: str) -> bool:

@@ -110,6 +110,21 @@ def test_conditional_create_and_replace_let_exactly_one_writer_win(store):
     assert read_object(fs, path) == (b"third", newer)
 
 
+def test_local_create_stays_exclusive_without_hard_links(tmp_path, monkeypatch):
+    import errno
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    fs, root = open_output(str(tmp_path / "out"))
+    create_object(fs, f"{root}/x.json", b"first")
+    with pytest.raises(PreconditionFailed):
+        create_object(fs, f"{root}/x.json", b"second")
+    assert (tmp_path / "out" / "x.json").read_bytes() == b"first"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.json"]
+
+
 def test_stores_that_ignore_conditional_writes_are_detected(s3_server, gcs_server):
     fs, root = open_output(f"s3://{s3_server.new_bucket()}/out", s3_server.storage_options)
     assert honours_conditional_create(fs, root)
