@@ -123,7 +123,7 @@ def run_pipeline(args, spec: EngineSpec, input_uri: str, output_uri: str,
     started = time.monotonic()
     summary = run_job(JobConfig(io_cfg, compute, spec), emit=lambda line: print(line))
     wall = time.monotonic() - started
-    totals, res = summary.record["totals"], summary.record["resources"]
+    totals, res = summary.record["this_run"], summary.record["resources"]
     return {
         "status": summary.status, "images": totals["images"],
         "images_per_s": totals["images_per_s"],

@@ -5,22 +5,26 @@ On a cluster:  ray job submit --working-dir . -- python jobs/label.py --vocab vo
 Locally (embedded Ray):  python jobs/label.py --input samples/images --output out/demo \\
                    --random-weights 0
 
-Exit codes: 0 complete (or stopped by --limit), 2 bad configuration/input/output (nothing
-labelled), 3 incomplete (some shards failed; see run.json), 130 interrupted.
+Exit codes: 0 complete (or stopped by --limit), 2 bad configuration/input/output or the
+output held by another run (nothing labelled), 3 incomplete (some shards failed; see
+run.json), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
 from pipeline.config import ComputeConfig, ConfigError, IOConfig, storage_options_argument
 from pipeline.engine import EngineSpec
-from pipeline.plan import JobConfig, StartupError
+from pipeline.plan import JobConfig, OutputPolicy, StartupError
+from pipeline.record import TERMINATED, Terminated, is_termination
 from pipeline.stub import StubOptions
 
 EXIT_BAD_CONFIG = 2
@@ -51,7 +55,8 @@ def _io_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--input", required=True, help="input URI: a prefix/directory, a glob "
                        "or one shard file (s3://, gs://, local path, memory://)")
     group.add_argument("--output", required=True, help="output URI prefix; gets run.json, "
-                       "labels/<shard>.parquet and _done/<shard>.json")
+                       "_lease.json while a run writes it, labels/<shard>.<run>-<n>.parquet "
+                       "and _done/<shard>.json (names the table that is in the output)")
     group.add_argument("--format", choices=["auto", "webdataset", "parquet", "images"],
                        help=f"input shard format (default: {d('input_format')}: detect from "
                        "file extensions)")
@@ -72,8 +77,22 @@ def _io_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--limit", type=int, help="label at most N images (smoke runs; "
                        "default: all)")
     group.add_argument("--overwrite", action="store_true", default=None,
-                       help="replace an output labelled with another vocabulary or config "
+                       help="replace an output labelled with another vocabulary, config, "
+                       "input or weights; an output that matches is resumed, not replaced "
                        "(default: refuse)")
+    p = lambda name: _default(OutputPolicy, name)  # noqa: E731
+    group.add_argument("--wait-for-lease", type=float, metavar="SECONDS",
+                       help="when another run is writing the output, wait this long for it "
+                       "(default: 0: exit 2 at once, naming the other run)")
+    group.add_argument("--lease-ttl", type=float, metavar="SECONDS",
+                       help="the output's lease expires this long after its last renewal; "
+                       f"another run takes an expired lease over (default: {p('lease_ttl_s'):g})")
+    group.add_argument("--verify", action="store_true", default=None,
+                       help="on resume, also check the SHA-256 of every labelled shard (reads "
+                       "the whole output; default: existence and size)")
+    group.add_argument("--output-is-shared", action="store_true", default=None,
+                       help="a local --output path is the same shared file system on every "
+                       "node of a multi-node cluster (default: refuse a local output there)")
 
 
 def _engine_arguments(group: argparse._ArgumentGroup) -> None:
@@ -138,7 +157,8 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
     Raises:
         ConfigError, ValueError: invalid values.
     """
-    io = IOConfig(args.input, args.output, **_given(
+    io = IOConfig(local_path(args.input, "--input"), local_path(args.output, "--output"),
+                  **_given(
         input_format=args.format, images_per_shard=args.images_per_shard,
         image_column=args.image_column, id_column=args.id_column,
         storage_options=args.storage_options, max_image_pixels=args.max_image_pixels,
@@ -153,7 +173,43 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
         if args.stall_timeout < 0:
             raise ConfigError("--stall-timeout must be >= 0 (0 disables the watchdog)")
         compute = dataclasses.replace(compute, stall_timeout_s=args.stall_timeout or None)
-    return JobConfig(io, compute, _engine_spec(args, io))
+    policy = OutputPolicy(**_given(
+        wait_for_lease_s=args.wait_for_lease, lease_ttl_s=args.lease_ttl, verify=args.verify,
+        output_is_shared=args.output_is_shared))
+    return JobConfig(io, compute, _engine_spec(args, io), policy)
+
+
+def submitted_job_id() -> str | None:
+    """The Ray job submission id when this process runs under ``ray job submit`` (its working
+    directory is then Ray's temporary copy of the checkout), else None."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        config = {}
+    found = (config.get("metadata") or {}).get("job_submission_id")
+    if found:
+        return str(found)
+    return "unknown" if "/runtime_resources/working_dir_files/" in os.getcwd() else None
+
+
+def local_path(uri: str, option: str) -> str:
+    """An absolute path for a relative local path (resolved against the directory the command
+    runs in); URIs with a scheme and absolute paths unchanged.
+
+    Raises:
+        ConfigError: a relative ``--output`` under ``ray job submit``, where the working
+            directory is Ray's temporary copy of the checkout.
+    """
+    if "://" in uri or os.path.isabs(uri) or not uri:
+        return uri
+    job = submitted_job_id()
+    if job is not None and option == "--output":
+        raise ConfigError(
+            f"{option} {uri!r} is a relative path, and under `ray job submit` (job {job}) it "
+            "would land in Ray's temporary copy of the working directory, deleted with the "
+            "job: give an object-store URI (s3://, gs://) or an absolute path on shared "
+            "storage (with --output-is-shared on a multi-node cluster)")
+    return os.path.abspath(uri)
 
 
 def _engine_spec(args: argparse.Namespace, io: IOConfig) -> EngineSpec:
@@ -208,6 +264,11 @@ def _configure_logging() -> None:
     root.setLevel(logging.WARNING)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    TERMINATED.set()
+    raise Terminated(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the job; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -218,24 +279,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"label.py: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     from pipeline.plan import plan_job
-    from pipeline.runner import execute_plan
+    from pipeline.runner import abandon, execute_plan, exit_code_of
 
-    started = False
+    started, plan = False, None
+    TERMINATED.clear()
+    previous = _handle_sigterm()
     try:
         plan = plan_job(job)
         started = init_ray()
+        _handle_sigterm()  # again: ray.init installs its own SIGTERM handler (plain exit)
         return execute_plan(plan).exit_code
     except StartupError as exc:
+        abandon(plan, "failed", EXIT_BAD_CONFIG, str(exc))
         print(f"label.py: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    except KeyboardInterrupt:
-        print("label.py: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        abandon(plan, "interrupted", exit_code_of(exc))
+        what = "terminated" if is_termination(exc) else "interrupted"
+        print(f"label.py: {what}; rerun the same command to resume", file=sys.stderr)
+        return exit_code_of(exc)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if started:
             import ray
 
             ray.shutdown()
+
+
+def _handle_sigterm() -> object:
+    """SIGTERM (kill, Kubernetes, Slurm) raises :class:`Terminated`, handled like Ctrl-C;
+    returns the previous handler (None when not in the main thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread
+        return None
 
 
 if __name__ == "__main__":

@@ -1,35 +1,77 @@
 """Everything checked before any engine work: vocabulary, input listing, output state.
 
 :func:`plan_job` fails fast (clear message, no GPU touched) on an unreadable vocabulary, a
-missing input, rejected credentials, a missing Parquet image column, or an output labelled
-with another configuration. It writes the ``running`` run record, which also proves the
-output is writable.
+missing input, rejected credentials, a missing Parquet image column, an output held by
+another run (its lease) or labelled with another configuration or input. Holding the lease,
+it verifies the completion records (a record whose labels object is missing, of another size
+or, with ``--verify``, other contents means the shard is redone), removes what will be
+redone and the labels objects no record names, and writes the ``running`` run record.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from schemas import Category, categories_from_classes, run_metadata
-from schemas.io import completed_shards, done_path, labels_path
+from schemas.completion import OutputCheck, check_output, read_records, record_labels_name
+from schemas.io import done_path
 
+from .conditional import honours_conditional_create
 from .config import ComputeConfig, IOConfig
 from .engine import EngineSpec
+from .lease import DEFAULT_TTL_S, Lease, LeaseHeld, check_holder
 from .readers import parquet_columns
 from .record import (
+    HISTORY_LIMIT,
     OutputConflict,
     check_compatible,
+    check_same_weights,
     clear_output,
     fingerprint_of,
+    history_entry,
+    input_identity,
     new_record,
+    now_iso,
+    output_totals,
+    previous_history,
     read_existing_record,
     shards_to_skip,
+    weight_differences,
     write_record,
 )
 from .shards import IMAGE_GROUP_ID, InputError, ShardSpec, list_shards
-from .storage import filesystem, remove_tree
+from .storage import filesystem, remove_object, retry
+
+
+@dataclass(frozen=True)
+class OutputPolicy:
+    """How a run treats its output.
+
+    Attributes:
+        wait_for_lease_s: seconds to wait for another run's lease on the output (0: stop at
+            once with exit code 2, naming the holder).
+        lease_ttl_s: time to live of this run's lease (renewed every quarter of it); another
+            run takes an expired lease over.
+        verify: on resume, also compare every certified labels object's SHA-256 (else:
+            existence and size).
+        output_is_shared: the user vouches that a local output path is the same shared
+            storage on every node of a multi-node cluster.
+    """
+
+    wait_for_lease_s: float = 0.0
+    lease_ttl_s: float = DEFAULT_TTL_S
+    verify: bool = False
+    output_is_shared: bool = False
+
+    def __post_init__(self) -> None:
+        if self.wait_for_lease_s < 0 or self.lease_ttl_s <= 0:
+            raise ValueError("wait_for_lease_s must be >= 0 and lease_ttl_s > 0")
 
 
 @dataclass(frozen=True)
@@ -39,6 +81,7 @@ class JobConfig:
     io: IOConfig
     compute: ComputeConfig
     engine: EngineSpec
+    policy: OutputPolicy = field(default_factory=OutputPolicy)
 
 
 @dataclass
@@ -52,9 +95,11 @@ class JobPlan:
         skipped: completion records of shards already done.
         categories: output categories.
         identity, fingerprint: what determines the labels.
-        existing: the output's previous run record, if any.
+        existing: the output's previous run record, if it has this run's fingerprint.
         record: the run record being written.
         out_fs, out_root: output filesystem and root path.
+        run_id: this invocation's id (names its labels objects).
+        lease: the output's lease, held until :meth:`release`.
     """
 
     job: JobConfig
@@ -68,6 +113,43 @@ class JobPlan:
     record: dict
     out_fs: Any
     out_root: str
+    run_id: str = "local"
+    lease: Lease | None = None
+
+    def save_record(self) -> bool:
+        """Write ``run.json`` while this run holds the lease; False (not written) otherwise."""
+        if self.lease is not None:
+            if self.lease.lost.is_set():
+                return False
+            try:
+                check_holder(self.out_fs, self.out_root, self.run_id)
+            except Exception:  # noqa: BLE001 - lease lost or unreadable: do not write
+                return False
+        write_record(self.out_fs, self.out_root, self.record)
+        return True
+
+    def check_weights(self, models: dict) -> None:
+        """Compare the workers' weight hashes with the output's; with ``--overwrite``, an
+        output made with other weights is cleared (this run relabels every shard).
+
+        Raises:
+            OutputConflict: the weights differ and ``--overwrite`` was not given.
+        """
+        before = (self.existing or {}).get("models") or {}
+        changed = weight_differences(before, models) if self.skipped or before else []
+        if not changed:
+            return
+        if not self.job.io.overwrite:
+            check_same_weights(self.existing, models)
+        clear_output(self.out_fs, self.out_root)
+        self.todo, self.skipped = list(self.shards), {}
+        self.record["history"][-1]["actions"].append(
+            f"cleared the output (--overwrite): model weights differ ({', '.join(changed)})")
+
+    def release(self) -> None:
+        """Give the output's lease back (idempotent)."""
+        if self.lease is not None:
+            self.lease.release()
 
     def file_metadata(self, models: dict) -> dict:
         """JSON stored in every Parquet file of this run."""
@@ -81,37 +163,81 @@ class StartupError(RuntimeError):
     """The job cannot start (bad input, vocabulary, credentials or output state)."""
 
 
+def new_run_id() -> str:
+    """A unique, sortable id for one invocation: ``YYYYmmddTHHMMSSZ-<6 hex>``."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
 def plan_job(job: JobConfig) -> JobPlan:
-    """Check inputs and output, write the ``running`` run record, and list the work.
+    """Take the output's lease, check inputs and output, write the ``running`` run record,
+    and list the work. The lease is held (and renewed) until :meth:`JobPlan.release`.
 
     Raises:
-        StartupError: with a message naming the problem and the remedy.
+        StartupError: with a message naming the problem and the remedy (the lease is
+            released; a refused run changes nothing in the output).
     """
     vocabulary = _load_vocabulary(job.engine)
-    identity = {**job.engine.identity(), "vocabulary_hash": vocabulary.content_hash()}
-    fingerprint = fingerprint_of(identity)
     shards = _list_input(job.io)
+    identity = {**job.engine.identity(), "vocabulary_hash": vocabulary.content_hash(),
+                "input": input_identity(job.io, shards[0].kind)}
+    fingerprint = fingerprint_of(identity)
     out_fs, out_root = _output(job.io)
-    existing, done = _check_output(job.io, out_fs, out_root, identity, fingerprint)
-    stale = _retire_stale_groups(job.io, out_fs, out_root, shards, done)
-    skipped = shards_to_skip(out_fs, out_root, shards, done - set(stale["removed"]),
-                             fingerprint)
+    run_id, started_at = new_run_id(), now_iso()
+    lease = Lease(out_fs, out_root, run_id, started_at, job.policy.lease_ttl_s)
+    try:
+        _guarded(lambda: lease.acquire(job.policy.wait_for_lease_s), "take the lease of",
+                 job.io.output_uri)
+    except LeaseHeld as exc:
+        raise StartupError(f"refusing to write to {job.io.output_uri}: {exc}") from None
+    lease.start_renewing()
+    try:
+        return _plan_holding_lease(job, vocabulary, shards, identity, fingerprint, out_fs,
+                                   out_root, lease)
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _plan_holding_lease(job: JobConfig, vocabulary: Any, shards: list[ShardSpec],
+                        identity: dict, fingerprint: str, out_fs: Any, out_root: str,
+                        lease: Lease) -> JobPlan:
+    existing, records, actions = _check_output(job.io, out_fs, out_root, identity, fingerprint)
+    if not _guarded(lambda: honours_conditional_create(out_fs, out_root),
+                    "probe conditional writes on", job.io.output_uri):
+        actions.append("warning: the output's store ignores conditional writes (S3 "
+                       "If-None-Match / GCS ifGenerationMatch): overlapping runs and late "
+                       "attempts are not excluded there; run one job per output at a time")
+    check = _guarded(lambda: retry(lambda: check_output(
+        out_fs, out_root, fingerprint, job.policy.verify, records), "check the completion "
+        "records"), "check the completion records of", job.io.output_uri)
+    stale = _stale_shards(shards, set(records))
+    skipped = shards_to_skip(shards, check.certified, fingerprint)
+    kept = {sid: check.certified[sid] for sid in stale["kept"] if sid in check.certified}
+    redo = sorted(set(records) - set(skipped) - set(kept))
+    actions += _clean(job.io, out_fs, out_root, check, redo, {**skipped, **{
+        sid: c.record for sid, c in kept.items()}})
     categories = categories_from_classes(vocabulary.classes)
-    compute = dataclasses.asdict(job.compute)
     record = new_record(identity, fingerprint, categories, vocabulary, job.io.public_dict(),
-                        compute)
-    record["stale_shards"] = stale
-    record["vocabulary_repeats"] = vocabulary.duplicate_queries()
-    if existing and not job.io.overwrite:
-        record["previous_runs"] = _history(existing)
+                        dataclasses.asdict(job.compute), lease.run_id)
+    record.update(started_at=lease.started_at, stale_shards=stale,
+                  vocabulary_repeats=vocabulary.duplicate_queries(),
+                  totals=output_totals(list(skipped.values()) + [
+                      c.record for c in kept.values()], len(shards)))
+    same = existing if existing and existing.get("fingerprint") == fingerprint else None
+    if same:
         # the weight hashes the output was labelled with stay on record until a worker has
         # proved it holds the same, so a run that fails at start-up cannot drop them
         record["models"] = existing.get("models") or {}
+    entry = history_entry(lease.run_id, lease.started_at, socket.gethostname(), os.getpid())
+    entry["actions"] = actions
+    if lease.took_over is not None:
+        entry["actions"].append(f"took over the expired lease of run {lease.took_over.run_id}")
+    record["history"] = (previous_history(existing) + [entry])[-HISTORY_LIMIT:]
     _guarded(lambda: write_record(out_fs, out_root, record), "write the run record to",
              job.io.output_uri)
     todo = [s for s in shards if s.shard_id not in skipped]
-    return JobPlan(job, shards, todo, skipped, categories, identity, fingerprint, existing,
-                   record, out_fs, out_root)
+    return JobPlan(job, shards, todo, skipped, categories, identity, fingerprint, same,
+                   record, out_fs, out_root, lease.run_id, lease)
 
 
 def _load_vocabulary(engine: EngineSpec) -> Any:
@@ -143,10 +269,10 @@ def _output(io: IOConfig) -> tuple[Any, str]:
                     io.output_uri)
 
 
-def _check_output(io: IOConfig, fs: Any, root: str, identity: dict,
-                  fingerprint: str) -> tuple[dict | None, set[str]]:
-    """The output's run record and its completed shard ids, after the mixing checks (and
-    the clearing of ``--overwrite``)."""
+def _check_output(io: IOConfig, fs: Any, root: str, identity: dict, fingerprint: str
+                  ) -> tuple[dict | None, dict[str, dict | None], list[str]]:
+    """The output's run record, its completion records and what was done to it, after the
+    mixing checks. ``--overwrite`` clears the output only when its fingerprint differs."""
     try:
         existing = _guarded(lambda: read_existing_record(fs, root), "read the output",
                             io.output_uri)
@@ -154,43 +280,55 @@ def _check_output(io: IOConfig, fs: Any, root: str, identity: dict,
         if not io.overwrite:
             raise StartupError(f"refusing to write to {io.output_uri}: {exc}") from exc
         existing = None
-    if io.overwrite:
-        _guarded(lambda: clear_output(fs, root), "clear the output", io.output_uri)
-        return existing, set()
-    done = set(_guarded(lambda: completed_shards(io.output_uri, io.storage_options),
-                        "list the completed shards of", io.output_uri))
+    records = _guarded(lambda: retry(lambda: read_records(fs, root), "read the completion "
+                                     "records"), "list the completed shards of", io.output_uri)
     try:
-        check_compatible(existing, identity, fingerprint, bool(done))
+        check_compatible(existing, identity, fingerprint, bool(records))
     except OutputConflict as exc:
-        raise StartupError(f"refusing to write to {io.output_uri}: {exc}") from exc
-    return existing, done
+        if not io.overwrite:
+            raise StartupError(f"refusing to write to {io.output_uri}: {exc}") from exc
+        _guarded(lambda: clear_output(fs, root), "clear the output", io.output_uri)
+        return existing, {}, [f"cleared the output (--overwrite): {exc}"]
+    return existing, records, []
 
 
-def _retire_stale_groups(io: IOConfig, fs: Any, root: str, shards: list[ShardSpec],
-                         done: set[str]) -> dict[str, list[str]]:
+def _stale_shards(shards: list[ShardSpec], done: set[str]) -> dict[str, list[str]]:
     """Done shards of the output that the input no longer has.
 
     Groups of image files are positional: after files were added, removed or
     ``--images-per-shard`` changed, a group id beyond the new listing would keep labels of
-    images that the current groups label again (twice in the output). Their completion record
-    (first) and table are removed. Other stale shards (an input file that is gone) are kept and
-    listed.
+    images that the current groups label again (twice in the output): they are removed. Other
+    stale shards (an input file that is gone) are kept and listed.
     """
     stale = sorted(done - {s.shard_id for s in shards})
     grouped = shards[0].kind == "images"
     removed = [sid for sid in stale if grouped and IMAGE_GROUP_ID.fullmatch(sid)]
-    for sid in removed:
-        _guarded(lambda sid=sid: remove_tree(fs, done_path(root, sid)),
-                 "remove a stale completion record from", io.output_uri)
-        _guarded(lambda sid=sid: remove_tree(fs, labels_path(root, sid)),
-                 "remove a stale label table from", io.output_uri)
     return {"removed": removed, "kept": [sid for sid in stale if sid not in removed]}
 
 
-def _history(existing: dict) -> list[dict]:
-    previous = list(existing.get("previous_runs", []))
-    previous.append({k: existing.get(k) for k in ("status", "started_at", "ended_at", "totals")})
-    return previous[-20:]
+def _clean(io: IOConfig, fs: Any, root: str, check: OutputCheck, redo: list[str],
+           keep: dict[str, dict]) -> list[str]:
+    """Remove the completion records of shards to redo (first), then every labels object
+    that no remaining record names. Returns what was done, for the history."""
+    for sid in redo:
+        _guarded(lambda sid=sid: remove_object(fs, done_path(root, sid)),
+                 "remove an outdated completion record from", io.output_uri)
+    named = {f"{root}/{record_labels_name(r, sid)}" for sid, r in keep.items()}
+    garbage = sorted(set(check.objects) - named)
+    for path in garbage:
+        _guarded(lambda path=path: remove_object(fs, path), "remove an uncertified labels object "
+                 "from", io.output_uri)
+    actions = []
+    broken = sorted(set(redo) & set(check.problems))
+    if broken:
+        actions.append(f"relabels {len(broken)} shard(s) whose records do not hold: "
+                       + "; ".join(f"{sid}: {check.problems[sid]}" for sid in broken[:5]))
+    if set(redo) - set(broken):
+        actions.append(f"relabels {len(set(redo) - set(broken))} shard(s) whose input changed"
+                       " or that were cut short")
+    if garbage:
+        actions.append(f"removed {len(garbage)} labels object(s) that no record certifies")
+    return actions
 
 
 def _guarded(fn: Any, action: str, uri: str) -> Any:

@@ -18,7 +18,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError
 
 from .plan import JobPlan, StartupError
-from .record import OutputConflict, check_same_weights
+from .record import OutputConflict
 from .worker import LabelWorker, WorkerSpec
 
 
@@ -96,8 +96,7 @@ class WorkerPool:
             self._embeddings = self.actors[0].compute_text_embeddings.remote()
             self.infos = ray.get([a.describe.remote() for a in self.actors], timeout=left())
             models = self.infos[0]["weights_info"]  # every worker checks its own in prepare()
-            check_same_weights(self.plan.existing if not self.plan.job.io.overwrite else None,
-                               models)
+            self.plan.check_weights(models)  # --overwrite: clears an output of other weights
             self._metadata = self.plan.file_metadata(models)
             ray.get([a.prepare.remote(self._embeddings, self._metadata) for a in self.actors],
                     timeout=left())

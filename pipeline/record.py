@@ -1,27 +1,67 @@
 """The run record (``OUTPUT/run.json``), the run fingerprint and the resume/mixing checks.
 
 The fingerprint is a hash of everything that determines the labels: engine kind and full
-config, vocabulary hash, weight sources and random seed, schema version. An output holds one
-fingerprint: a run with another is refused unless ``--overwrite``.
+config, vocabulary hash, weight sources and random seed, schema version, and the input's
+identity (URI, format, columns, pixel limit, listing rule, images per shard). An output holds
+one fingerprint: a run with another is refused unless ``--overwrite``.
+
+``run.json`` describes the output: ``totals`` are what its completion records certify
+(cumulative over every run that wrote it), ``this_run`` counts the last invocation, and
+``history`` lists every invocation (start, end, what it did, status, exit code).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from schemas import SCHEMA_VERSION, Category
-from schemas.io import DONE_DIR, LABELS_DIR, done_path, run_record_path
+from schemas.completion import CertifiedShard
+from schemas.io import DONE_DIR, LABELS_DIR, run_record_path
 
-from .shards import ShardSpec
-from .storage import exists, put_bytes, read_bytes, remove_tree, retry
+from .config import IOConfig, public_uri
+from .shards import IMAGE_EXTENSIONS, PARQUET_EXTENSIONS, TAR_EXTENSIONS, ShardSpec
+from .storage import exists, put_bytes, read_bytes, remove_tree
+
+#: Invocations kept in ``run.json``'s history.
+HISTORY_LIMIT = 100
+#: How input files are chosen and grouped (part of the input identity).
+LISTING_RULE = "sorted files under the prefix, or matching the glob, by extension"
 
 
 class OutputConflict(RuntimeError):
     """The output holds labels made with another vocabulary or engine configuration."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The job received SIGTERM; handled like Ctrl-C (exit code 143 instead of 130)."""
+
+
+#: Set by the SIGTERM handler: Ray's blocking calls turn any exception raised by a signal
+#: handler into a plain KeyboardInterrupt, so the exception type alone cannot tell.
+TERMINATED = threading.Event()
+
+
+def is_termination(exc: BaseException) -> bool:
+    """Whether an interrupt came from SIGTERM (rather than Ctrl-C / SIGINT)."""
+    return isinstance(exc, Terminated) or TERMINATED.is_set()
+
+
+def input_identity(io: IOConfig, kind: str) -> dict:
+    """What identifies the input: a rerun with another identity is another run."""
+    extensions = {"webdataset": TAR_EXTENSIONS, "parquet": PARQUET_EXTENSIONS,
+                  "images": IMAGE_EXTENSIONS}[kind]
+    identity = {"uri": public_uri(io.input_uri), "format": kind, "listing": LISTING_RULE,
+                "extensions": list(extensions), "max_image_pixels": io.max_image_pixels}
+    if kind == "parquet":
+        identity.update(image_column=io.image_column, id_column=io.id_column)
+    if kind == "images":
+        identity["images_per_shard"] = io.images_per_shard
+    return identity
 
 
 def package_version() -> str:
@@ -80,9 +120,9 @@ def check_compatible(existing: Mapping | None, identity: Mapping, fingerprint: s
     differs = _differences(existing.get("identity", {}), identity)
     raise OutputConflict(
         "the output was labelled with a different configuration "
-        f"({'; '.join(differs) or 'fingerprint differs'}); rerun with the same vocabulary and "
-        "engine settings to resume, use --overwrite to replace the output, or choose another "
-        "--output")
+        f"({'; '.join(differs) or 'fingerprint differs'}); rerun with the same vocabulary, "
+        "engine settings and input to resume, use --overwrite to replace the output, or choose "
+        "another --output")
 
 
 def check_same_weights(existing: Mapping | None, models: Mapping) -> None:
@@ -130,7 +170,7 @@ def _differences(before: Mapping, after: Mapping, prefix: str = "") -> list[str]
 
 def _short(value: Any) -> str:
     text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def clear_output(fs: Any, root: str) -> None:
@@ -139,24 +179,15 @@ def clear_output(fs: Any, root: str) -> None:
         remove_tree(fs, f"{root}/{name}")
 
 
-def shards_to_skip(fs: Any, root: str, shards: Iterable[ShardSpec], done: set[str],
+def shards_to_skip(shards: Iterable[ShardSpec], certified: Mapping[str, CertifiedShard],
                    fingerprint: str) -> dict[str, dict]:
-    """Completion records of shards that are done (``done``: ids with a completion record)
-    with the same input and fingerprint."""
-    wanted = {s.shard_id: s for s in shards if s.shard_id in done}
-    if not wanted:
-        return {}
-    paths = {done_path(root, sid): sid for sid in wanted}
-    blobs = retry(lambda: fs.cat(list(paths), on_error="omit"), "read completion records")
+    """Completion records of the input's shards that are done: certified (their labels object
+    present with its size), same fingerprint and same input shard fingerprint, complete."""
     skip = {}
-    for path, blob in blobs.items():
-        shard_id = paths.get(path) or paths.get(path.split("://", 1)[-1])
-        try:
-            record = json.loads(blob)
-        except ValueError:  # cut short by a crash mid-write: the shard is redone
-            continue
-        if isinstance(record, dict) and _still_valid(record, wanted[shard_id], fingerprint):
-            skip[shard_id] = record
+    for shard in shards:
+        found = certified.get(shard.shard_id)
+        if found is not None and _still_valid(found.record, shard, fingerprint):
+            skip[shard.shard_id] = found.record
     return skip
 
 
@@ -166,10 +197,45 @@ def _still_valid(record: Mapping, shard: ShardSpec, fingerprint: str) -> bool:
             and not record.get("truncated"))
 
 
+def output_totals(records: Iterable[Mapping], input_shards: int) -> dict:
+    """What an output holds, summed over its certified completion records."""
+    totals = {"shards": 0, "input_shards": input_shards, "images": 0, "images_ok": 0,
+              "images_error": 0, "annotations": 0, "shards_truncated": 0}
+    errors: dict[str, int] = {}
+    for record in records:
+        totals["shards"] += 1
+        totals["images"] += int(record.get("num_images", 0))
+        totals["images_ok"] += int(record.get("num_ok", 0))
+        totals["images_error"] += int(record.get("num_errors", 0))
+        totals["annotations"] += int(record.get("num_annotations", 0))
+        totals["shards_truncated"] += bool(record.get("truncated"))
+        for status, count in (record.get("errors_by_status") or {}).items():
+            errors[status] = errors.get(status, 0) + int(count)
+    totals["errors_by_status"] = dict(sorted(errors.items()))
+    return totals
+
+
+def history_entry(run_id: str, started_at: str, host: str, pid: int) -> dict:
+    """The history entry of a starting invocation (completed by the runner at the end)."""
+    return {"run_id": run_id, "started_at": started_at, "ended_at": None, "host": host,
+            "pid": pid, "status": "running", "exit_code": None, "actions": []}
+
+
+def previous_history(existing: Mapping | None) -> list[dict]:
+    """The invocations recorded in an output's run record (older records: converted)."""
+    if not existing:
+        return []
+    if isinstance(existing.get("history"), list):
+        return [dict(h) for h in existing["history"] if isinstance(h, Mapping)]
+    old = [dict(r) for r in existing.get("previous_runs", []) if isinstance(r, Mapping)]
+    return old + [{k: existing.get(k) for k in ("status", "started_at", "ended_at")}]
+
+
 def new_record(identity: Mapping, fingerprint: str, categories: list[Category],
-               vocabulary: Any, io: Mapping, compute: Mapping) -> dict:
+               vocabulary: Any, io: Mapping, compute: Mapping, run_id: str = "local") -> dict:
     """The run record at the start of a run (status ``running``)."""
     return {
+        "run_id": run_id,
         "schema_version": SCHEMA_VERSION,
         "package_version": package_version(),
         "status": "running",
@@ -186,5 +252,7 @@ def new_record(identity: Mapping, fingerprint: str, categories: list[Category],
         "started_at": now_iso(),
         "ended_at": None,
         "totals": {},
+        "this_run": {},
+        "history": [],
         "failed_shards": [],
     }

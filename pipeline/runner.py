@@ -11,12 +11,17 @@ A watchdog polls the workers' shard heartbeats; a shard in which nothing has fin
 ``stall_timeout_s`` (a hung accelerator call, a storage read that never returns, a worker
 that stopped answering) costs its worker: the worker is killed and replaced, the stalled
 shard is retried (one attempt used) and the worker's other shards are requeued at no cost.
+
+The output belongs to one run at a time: :func:`pipeline.plan.plan_job` takes its lease and
+:func:`execute_plan` releases it, whatever happens. Each launch of a shard writes its own
+labels object and certifies it with a conditional completion record (:mod:`pipeline.writer`),
+so a retried shard whose first worker is still writing cannot appear twice.
+:mod:`pipeline.outcome` writes the final run record.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import resource
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -27,28 +32,32 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from .config import public_uri
+from .outcome import (
+    EXIT_BAD_CONFIG,
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    RunSummary,
+    abandon,
+    check_output_placement,
+    driver_peak_memory_bytes,
+    end_record,
+    exit_code_of,
+    finish,
+)
 from .plan import JobConfig, JobPlan, StartupError, plan_job
 from .pool import WorkerPool, actor_resources, error_reason
 from .progress import Progress, emit_stderr
-from .record import now_iso, write_record
 from .shards import ShardSpec
 from .worker import WorkerSpec
 
-EXIT_OK = 0
-EXIT_INCOMPLETE = 3
-EXIT_INTERRUPTED = 130
+__all__ = ["EXIT_INCOMPLETE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_TERMINATED", "RunSummary",
+           "Scheduler", "abandon", "execute_plan", "exit_code_of", "run_job"]
+
 #: Extra time a worker that has not answered once since a shard was sent to it (still
 #: starting: importing, staging and loading weights) gets before the shard counts as stalled.
 STARTUP_GRACE_S = 600.0
-
-
-@dataclass
-class RunSummary:
-    """Outcome of a run: ``complete``, ``limited``, ``incomplete`` or ``interrupted``."""
-
-    status: str
-    exit_code: int
-    record: dict
 
 
 def run_job(job: JobConfig, emit: Callable[[str], None] = emit_stderr) -> RunSummary:
@@ -63,11 +72,30 @@ def run_job(job: JobConfig, emit: Callable[[str], None] = emit_stderr) -> RunSum
 
 
 def execute_plan(plan: JobPlan, emit: Callable[[str], None] = emit_stderr) -> RunSummary:
-    """Label the shards of a checked plan (see :func:`pipeline.plan.plan_job`)."""
+    """Label the shards of a checked plan (see :func:`pipeline.plan.plan_job`); the output's
+    lease is released at the end, whatever happens.
+
+    Raises:
+        StartupError: the workers could not start, or a local output on a multi-node cluster.
+        KeyboardInterrupt: (SIGINT, or :class:`pipeline.record.Terminated` for SIGTERM)
+            after recording the run as ``interrupted``.
+    """
+    try:
+        return _execute(plan, emit)
+    except KeyboardInterrupt as exc:
+        abandon(plan, "interrupted", exit_code_of(exc))  # if the scheduler did not record it
+        raise
+    finally:
+        plan.release()
+
+
+def _execute(plan: JobPlan, emit: Callable[[str], None]) -> RunSummary:
     job = plan.job
     progress = Progress(len(plan.todo), len(plan.skipped), job.compute.progress_interval_s, emit)
     emit(f"[cass-label] {len(plan.shards)} shard(s) in {public_uri(job.io.input_uri)}: "
-         f"{len(plan.todo)} to label, {len(plan.skipped)} already done")
+         f"{len(plan.todo)} to label, {len(plan.skipped)} already done (run {plan.run_id})")
+    for action in plan.record["history"][-1].get("actions", []):
+        emit(f"[cass-label] {action}")
     repeats = plan.record.get("vocabulary_repeats") or []
     if repeats:
         emit(f"[cass-label] warning: the vocabulary lists {_first(map(repr, repeats))} more "
@@ -81,19 +109,21 @@ def execute_plan(plan: JobPlan, emit: Callable[[str], None] = emit_stderr) -> Ru
         emit(f"[cass-label] warning: {len(stale['kept'])} done shard(s) in the output are no "
              f"longer in the input (kept): {_first(stale['kept'])}")
     if not plan.todo:
-        return _finish(plan, progress, [], _resources(None), 0)
+        return finish(plan, progress, [], _resources(None), 0)
     try:
+        check_output_placement(plan)
         pool = _start_pool(plan, emit)
     except StartupError as exc:
-        plan.record.update(status="failed", error=str(exc), ended_at=now_iso())
-        write_record(plan.out_fs, plan.out_root, plan.record)
+        plan.record["error"] = str(exc)
+        end_record(plan, "failed", EXIT_BAD_CONFIG, _resources(None))
         raise
+    progress.total_shards, progress.skipped_shards = len(plan.todo), len(plan.skipped)
     progress.restart_clock()
     scheduler = Scheduler(pool, plan, progress)
     try:
         scheduler.run()
-    except KeyboardInterrupt:
-        _close(plan, progress, scheduler, pool, "interrupted")
+    except KeyboardInterrupt as exc:
+        _close(plan, progress, scheduler, pool, "interrupted", exit_code_of(exc))
         raise
     except BaseException:
         pool.shutdown()
@@ -108,17 +138,19 @@ def _first(names: Iterable[str], count: int = 5) -> str:
 
 
 def _close(plan: JobPlan, progress: Progress, scheduler: Scheduler, pool: WorkerPool,
-           status: str | None = None) -> RunSummary:
+           status: str | None = None, exit_code: int | None = None) -> RunSummary:
     """Measure the actors, stop them, and write the final run record."""
     resources = _resources(pool)
     pool.shutdown()
-    return _finish(plan, progress, scheduler.failed, resources, scheduler.unscheduled, status)
+    return finish(plan, progress, scheduler.failed, resources, scheduler.unscheduled, status,
+                   exit_code)
 
 
 def _start_pool(plan: JobPlan, emit: Callable[[str], None]) -> WorkerPool:
     compute = plan.job.compute
     resources = actor_resources(compute.actors, compute.gpus_per_actor, compute.cpus_per_actor)
-    spec = WorkerSpec(plan.job.engine, plan.job.io, compute, plan.fingerprint)
+    spec = WorkerSpec(plan.job.engine, plan.job.io, compute, plan.fingerprint,
+                      run_id=plan.run_id)
     pool = WorkerPool(plan, spec, resources)
     try:
         plan.record["models"] = pool.start()
@@ -129,24 +161,6 @@ def _start_pool(plan: JobPlan, emit: Callable[[str], None]) -> WorkerPool:
         emit(f"[cass-label] worker pid {info['pid']} on {info['host']}: device {info['device']}"
              f", GPUs {info['gpu_ids'] or '-'}")
     return pool
-
-
-def _finish(plan: JobPlan, progress: Progress, failed: list[dict], resources: dict,
-            unscheduled: int, status: str | None = None) -> RunSummary:
-    limited = unscheduled or progress.truncated
-    status = status or ("incomplete" if failed else "limited" if limited else "complete")
-    record = plan.record
-    record.update(status=status, ended_at=now_iso(), totals=progress.totals(),
-                  failed_shards=failed, unscheduled_shards=unscheduled)
-    record["resources"] = resources
-    write_record(plan.out_fs, plan.out_root, record)
-    progress.live_images = 0
-    progress.maybe_report(force=True)
-    progress.emit(progress.summary(status, public_uri(plan.job.io.output_uri)))
-    for shard in failed:
-        progress.emit(f"[cass-label] failed shard {shard['shard_id']}: {shard['reasons'][-1]}")
-    code = {"incomplete": EXIT_INCOMPLETE, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_OK)
-    return RunSummary(status, code, record)
 
 
 def _resources(pool: WorkerPool | None) -> dict:
@@ -164,6 +178,7 @@ class _Task:
     shard: ShardSpec
     attempt: int = 0
     reasons: list[str] = field(default_factory=list)
+    launches: int = 0  # names each launch's labels object (requeues launch again)
 
 
 @dataclass
@@ -195,6 +210,7 @@ class Scheduler:
         self.dead: set[int] = set()  # slots whose worker was not replaced (run abandoned)
         self.draining: int | None = None  # slot left to empty for a waiting retry
         self.abandoned: str | None = None
+        self.lease = getattr(plan, "lease", None)  # lost to another run: nothing more runs
         self.interval = compute.progress_interval_s
         self.stall_timeout = compute.stall_timeout_s
         self.poll_every = min(self.interval, 10.0, (self.stall_timeout or 60.0) / 4)
@@ -203,6 +219,8 @@ class Scheduler:
     def run(self) -> list[dict]:
         """Label every shard; returns the failed shards with their reasons."""
         while self.fresh or self.retries or self.running:
+            if self.lease is not None and self.lease.lost.is_set() and not self.abandoned:
+                self._abandon("this run lost the output's lease to another run")
             self._submit()
             if not self.running:
                 break
@@ -325,7 +343,8 @@ class Scheduler:
             cap = -(-cap // max(1, self._free_capacity()))
         if cap is not None:
             self.budget -= cap
-        ref = self.pool.actors[slot].process_shard.remote(task.shard, cap)
+        ref = self.pool.actors[slot].process_shard.remote(task.shard, cap, task.launches)
+        task.launches += 1
         self.running[ref] = _Running(slot, self.pool.generation[slot], task, cap)
         self.load[slot] += 1
 
@@ -382,8 +401,3 @@ class Scheduler:
             task = (self.retries or self.fresh).popleft()
             task.reasons.append(reason)
             self._fail(task)
-
-
-def driver_peak_memory_bytes() -> int:
-    """Peak resident memory of this (driver) process."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -39,7 +39,8 @@ class ShardSpec:
             files for images).
         keys: for ``images``, the key of each path (path relative to the input root).
         source_uri: URI of the shard file, or the input root for image groups.
-        fingerprint: changes when the shard's input changes (paths and sizes).
+        fingerprint: changes when the shard's input changes (paths, sizes and versions:
+            ETag, generation or modification time, whichever the store reports).
         sizes: for ``images``, the byte size of each path from the listing.
     """
 
@@ -60,32 +61,41 @@ def list_shards(io: IOConfig) -> list[ShardSpec]:
         PermissionError: credentials rejected by the store.
     """
     fs, root = filesystem(io.input_uri, io.storage_options)
-    files = _list_files(fs, root, io.input_uri)
+    files, versions = _list_files(fs, root, io.input_uri)
     kind = _detect_kind(files, io.input_format, io.input_uri)
     chosen = sorted(p for p in files if p.lower().endswith(_extensions(kind)))
     if not chosen:
         raise InputError(f"no {kind} files found under {io.input_uri}")
     base = _base_dir(root, io.input_uri)
     if kind == "images":
-        return _image_groups(fs, base, chosen, files, io.images_per_shard)
-    return _file_shards(fs, base, chosen, files, kind)
+        return _image_groups(fs, base, chosen, files, io.images_per_shard, versions)
+    return _file_shards(fs, base, chosen, files, kind, versions)
 
 
-def _list_files(fs: Any, root: str, uri: str) -> dict[str, int]:
-    """``{path: size}`` of every file under a prefix, matching a glob, or the single file."""
+def _list_files(fs: Any, root: str, uri: str) -> tuple[dict[str, int], dict[str, str]]:
+    """``{path: size}`` and ``{path: version}`` of every file under a prefix, matching a glob,
+    or the single file."""
     if any(ch in root for ch in "*?["):
         found = retry(lambda: fs.glob(root, detail=True), f"list {uri}")
-        files = {p: int(i.get("size") or 0) for p, i in found.items() if i["type"] == "file"}
+        found = {p: i for p, i in found.items() if i["type"] == "file"}
     else:
         fs.invalidate_cache(root)
         info = _info(fs, root, uri)
-        if info["type"] == "file":
-            return {root: int(info.get("size") or 0)}
-        found = retry(lambda: fs.find(root, detail=True), f"list {uri}")
-        files = {p: int(i.get("size") or 0) for p, i in found.items()}
-    if not files:
+        found = ({root: info} if info["type"] == "file" else
+                 retry(lambda: fs.find(root, detail=True), f"list {uri}"))
+    if not found:
         raise InputError(f"input {uri} is empty or does not exist")
-    return files
+    return ({p: int(i.get("size") or 0) for p, i in found.items()},
+            {p: _version(i) for p, i in found.items()})
+
+
+def _version(info: dict) -> str:
+    """What changes when an object is rewritten: ETag (S3), generation (GCS), else the
+    modification time (local disks, memory)."""
+    for name in ("ETag", "generation", "etag", "mtime", "LastModified", "updated", "created"):
+        if info.get(name) is not None:
+            return f"{name}={info[name]}"
+    return ""
 
 
 def _info(fs: Any, root: str, uri: str) -> dict:
@@ -128,25 +138,26 @@ def _relative(path: str, base: str) -> str:
 
 
 def _file_shards(fs: Any, base: str, paths: list[str], sizes: dict[str, int],
-                 kind: str) -> list[ShardSpec]:
+                 kind: str, versions: dict[str, str]) -> list[ShardSpec]:
     shards, used = [], set()
     for path in paths:
         relative = _relative(path, base)
         shard_id = _unique(safe_shard_id(relative.rsplit(".", 1)[0], relative), used)
-        fingerprint = _hash(f"{relative}:{sizes.get(path, 0)}")
+        fingerprint = _hash(f"{relative}:{sizes.get(path, 0)}:{versions.get(path, '')}")
         shards.append(ShardSpec(shard_id, kind, (path,), (), printable(uri_of(fs, path)),
                                 fingerprint))
     return shards
 
 
 def _image_groups(fs: Any, base: str, paths: list[str], sizes: dict[str, int],
-                  per_shard: int) -> list[ShardSpec]:
+                  per_shard: int, versions: dict[str, str]) -> list[ShardSpec]:
     shards = []
     for index, start in enumerate(range(0, len(paths), per_shard)):
         group = tuple(paths[start:start + per_shard])
         keys = tuple(printable(_relative(p, base)) for p in group)
         group_sizes = tuple(sizes.get(p, 0) for p in group)
-        listing = "\n".join(f"{k}:{n}" for k, n in zip(keys, group_sizes, strict=True))
+        listing = "\n".join(f"{k}:{n}:{versions.get(p, '')}"
+                            for k, n, p in zip(keys, group_sizes, group, strict=True))
         shards.append(ShardSpec(f"images-{index:06d}", "images", group, keys,
                                 printable(uri_of(fs, base)), _hash(listing), group_sizes))
     return shards

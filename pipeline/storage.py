@@ -132,6 +132,14 @@ def remove_tree(fs: Any, path: str) -> None:
         retry(lambda: fs.rm(path, recursive=True), f"delete {path}")
 
 
+def remove_object(fs: Any, path: str) -> None:
+    """Delete one object if present, with retries."""
+    try:
+        retry(lambda: fs.rm_file(path), f"delete {path}")
+    except FileNotFoundError:
+        pass
+
+
 def uri_of(fs: Any, path: str) -> str:
     """Full URI (with protocol) of a path within a filesystem."""
     return fs.unstrip_protocol(path)

@@ -27,6 +27,7 @@ from .config import ComputeConfig, IOConfig
 from .decode import DecodedImage, decode_image, max_encoded_bytes
 from .encode import failure_row, result_to_row
 from .engine import EngineSpec, build_engine, choose_device
+from .lease import check_holder
 from .readers import RawImage, iter_raw_images
 from .record import weight_differences
 from .shards import ShardSpec
@@ -46,6 +47,8 @@ class WorkerSpec:
         compute: batch size, threads, prefetch.
         fingerprint: the run fingerprint written into every completion record.
         run_metadata: JSON for the Parquet file metadata (categories, vocabulary hash, run).
+        run_id: the run's id (names its tables); when set, a shard is certified only while
+            this run holds the output's lease (see :mod:`pipeline.lease`).
     """
 
     engine: EngineSpec
@@ -53,6 +56,7 @@ class WorkerSpec:
     compute: ComputeConfig
     fingerprint: str
     run_metadata: Mapping = field(default_factory=dict)
+    run_id: str = ""
 
 
 class LabelWorker:
@@ -126,13 +130,15 @@ class LabelWorker:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     # ------------------------------------------------------------------ work
-    def process_shard(self, shard: ShardSpec, max_images: int | None = None) -> dict:
+    def process_shard(self, shard: ShardSpec, max_images: int | None = None,
+                      attempt: int = 0) -> dict:
         """Label a shard and write its table and completion record.
 
         Args:
             shard: the shard.
             max_images: stop after this many images (``--limit``); the record says
                 ``truncated`` when images were left out.
+            attempt: the shard's attempt in this run (names its table).
 
         Returns:
             The completion record, plus ``engine_seconds`` spent in the engine.
@@ -155,13 +161,19 @@ class LabelWorker:
                      "input_fingerprint": shard.fingerprint, "truncated": truncated,
                      "worker": {"pid": os.getpid(), "device": self.device}}
             record = write_shard(self._out_fs, self._out_root, shard.shard_id, rows,
-                                 self._run_metadata, extra)
+                                 self._run_metadata, extra, self.spec.run_id or "local",
+                                 attempt, self._fence)
         finally:
             with self._live_lock:
                 self._live.pop(shard.shard_id, None)
                 self._beats.pop(shard.shard_id, None)
         return {**record, "seconds": time.monotonic() - started,
                 "engine_seconds": self.engine_seconds - engine_before}
+
+    def _fence(self) -> None:
+        """Certify only while this run holds the output's lease (no-op without a run id)."""
+        if self.spec.run_id:
+            check_holder(self._out_fs, self._out_root, self.spec.run_id)
 
     def label_items(self, shard_id: str, items: Iterable[RawImage]) -> list[dict]:
         """Rows for raw images, in input order."""

@@ -1,8 +1,12 @@
 """Write one shard's output: its Parquet table in one PUT, then its completion record.
 
-The completion record (``OUTPUT/_done/<shard_id>.json``) is written only after the table
-upload succeeded, so a record's existence means the table is complete. Records hold counts,
-the table's byte size and SHA-256, and the run fingerprint.
+Every attempt writes its own table, ``OUTPUT/labels/<shard_id>.<run_id>-<attempt>.parquet``,
+so two attempts (a retry and a zombie, or two runs) never overwrite each other. The shard is
+done only when its completion record ``OUTPUT/_done/<shard_id>.json`` is created, with a
+conditional create (the first attempt wins), naming the exact table it certifies (its name,
+byte size and SHA-256, the run id and attempt, the run fingerprint). An attempt that loses
+the race, or whose run no longer holds the output's lease, deletes its own table; a table
+that no record names is never read (and is removed by the next run's cleanup).
 """
 
 from __future__ import annotations
@@ -11,16 +15,18 @@ import collections
 import hashlib
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas import rows_to_table
-from schemas.io import done_path, labels_path
+from schemas.completion import labels_object_name, record_labels_name
+from schemas.io import done_path
 
-from .storage import put_bytes
+from .conditional import PreconditionFailed, create_object, read_object
+from .storage import put_bytes, remove_object
 
 PARQUET_COMPRESSION = "zstd"
 
@@ -45,9 +51,14 @@ def shard_counts(rows: Sequence[Mapping]) -> dict:
     }
 
 
+class ShardSuperseded(RuntimeError):
+    """The shard's completion record was created by a run with another fingerprint."""
+
+
 def write_shard(fs: Any, root: str, shard_id: str, rows: Sequence[Mapping],
-                run_metadata: Mapping, extra: Mapping) -> dict:
-    """Upload the shard's table, then its completion record.
+                run_metadata: Mapping, extra: Mapping, run_id: str = "local", attempt: int = 0,
+                before_certify: Callable[[], None] | None = None) -> dict:
+    """Upload the attempt's table, then certify it (conditional completion record).
 
     Args:
         fs, root: output filesystem and root path.
@@ -55,18 +66,58 @@ def write_shard(fs: Any, root: str, shard_id: str, rows: Sequence[Mapping],
         rows: the shard's rows, in shard order.
         run_metadata: JSON stored in the Parquet file metadata.
         extra: more fields for the completion record (fingerprints, source, worker).
+        run_id, attempt: the writing run and the shard's attempt in it (name the table).
+        before_certify: called right before the record is created (the lease check); an
+            exception from it deletes the table and propagates.
 
     Returns:
-        The completion record.
+        The completion record that holds: this attempt's, or (``superseded_attempt`` set)
+        the one an earlier attempt of the same configuration created first.
     """
     data = table_bytes(rows, run_metadata)
-    put_bytes(fs, labels_path(root, shard_id), data)
+    name = labels_object_name(shard_id, run_id, attempt)
+    put_bytes(fs, f"{root}/{name}", data)
     record = {
-        "shard_id": shard_id, **shard_counts(rows), "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(), "written_at": _now(), **extra,
+        "shard_id": shard_id, **shard_counts(rows), "labels": name, "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(), "run_id": run_id, "attempt": attempt,
+        "written_at": _now(), **extra,
     }
-    put_bytes(fs, done_path(root, shard_id), json.dumps(record, sort_keys=True).encode())
-    return record
+    return certify(fs, root, record, before_certify)
+
+
+def certify(fs: Any, root: str, record: dict,
+            before_certify: Callable[[], None] | None = None) -> dict:
+    """Create the completion record of ``record["labels"]`` unless the shard has one.
+
+    Raises:
+        ShardSuperseded: the shard was certified by a run of another fingerprint.
+    """
+    shard_id, own = record["shard_id"], f"{root}/{record['labels']}"
+    try:
+        if before_certify is not None:
+            before_certify()
+        create_object(fs, done_path(root, shard_id), json.dumps(record, sort_keys=True).encode())
+        return record
+    except PreconditionFailed:
+        winner = _existing(fs, root, shard_id)
+    except BaseException:
+        remove_object(fs, own)
+        raise
+    if winner is not None and record_labels_name(winner, shard_id) == record["labels"]:
+        return record  # our own create, answered late and retried
+    remove_object(fs, own)
+    if winner is None or winner.get("fingerprint") != record.get("fingerprint"):
+        raise ShardSuperseded(f"shard {shard_id} was certified meanwhile by another "
+                              "configuration's run; rerun the job to relabel it")
+    return {**winner, "superseded_attempt": record["attempt"]}
+
+
+def _existing(fs: Any, root: str, shard_id: str) -> dict | None:
+    found = read_object(fs, done_path(root, shard_id))
+    try:
+        return json.loads(found[0]) if found else None
+    except ValueError:
+        return None
 
 
 def _now() -> str:

@@ -2,12 +2,14 @@
 
 Output layout (``OUTPUT`` is any fsspec URI: local path, ``s3://bucket/prefix``, ``memory://``)::
 
-    OUTPUT/run.json                    run record (config, models, categories, totals)
-    OUTPUT/labels/<shard_id>.parquet   one label table per input shard
-    OUTPUT/_done/<shard_id>.json       completion record, written after the Parquet file
+    OUTPUT/run.json                                 run record (config, categories, totals)
+    OUTPUT/_lease.json                              held by the run writing the output
+    OUTPUT/labels/<shard_id>.<run_id>-<n>.parquet   label tables (one per shard attempt)
+    OUTPUT/_done/<shard_id>.json                    completion record: names the one table
+                                                    of the shard that is in the output
 
-A shard is complete when its completion record exists; readers skip label files without one
-(left over from an interrupted run) unless asked otherwise.
+A shard is in the output only through its completion record (:mod:`schemas.completion`);
+readers never read a label table that no record names (a late or losing attempt's write).
 """
 
 from __future__ import annotations
@@ -86,13 +88,32 @@ def list_label_files(
     storage_options: Mapping | None = None,
     completed_only: bool = True,
 ) -> list[str]:
-    """Sorted paths (within the output filesystem) of the label tables."""
+    """Sorted paths (within the output filesystem) of the label tables.
+
+    ``completed_only``: the labels objects certified by completion records, in shard order
+    (see :func:`schemas.completion.certified_labels`; raises ``OutputIntegrityError`` when a
+    record does not hold or carries another fingerprint than ``run.json``); otherwise every
+    labels object, certified or not.
+    """
+    from .completion import certified_labels
+
     fs, root = open_output(output_uri, storage_options)
-    shard_ids = _ids_in(fs, f"{root}/{LABELS_DIR}", LABELS_SUFFIX)
     if completed_only:
-        done = set(_ids_in(fs, f"{root}/{DONE_DIR}", DONE_SUFFIX))
-        shard_ids = [s for s in shard_ids if s in done]
-    return [labels_path(root, s) for s in shard_ids]
+        fingerprint = _record_fingerprint(fs, root)
+        return [c.path for c in certified_labels(fs, root, fingerprint)]
+    names = _ids_in(fs, f"{root}/{LABELS_DIR}", LABELS_SUFFIX)
+    return [f"{root}/{LABELS_DIR}/{n}{LABELS_SUFFIX}" for n in names]
+
+
+def _record_fingerprint(fs: Any, root: str) -> str | None:
+    """The run fingerprint in ``run.json`` (None without one)."""
+    path = run_record_path(root)
+    fs.invalidate_cache(path)
+    try:
+        record = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    return record.get("fingerprint") if isinstance(record, dict) else None
 
 
 def iter_label_rows(

@@ -1,6 +1,6 @@
 """The label table: one row per image, versioned Arrow schema, validating row builders.
 
-Every output Parquet file (``OUTPUT/labels/<shard_id>.parquet``) has exactly this schema. Its
+Every output Parquet file (``OUTPUT/labels/<shard_id>.<run_id>-<n>.parquet``) has this schema. Its
 file metadata carries, as JSON under ``b"cass.run"``, the categories, the vocabulary hash and
 run information (engine config, model identities), so one file is self-describing.
 """

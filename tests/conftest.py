@@ -158,6 +158,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
                "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
                "-webdav=false", "-admin.ui=false", f"-s3.port={port}", "-s3.port.iceberg=0",
                "-s3.port.lance=0"]
+    # every internal server on a free port too, so that two sessions on one machine coexist
+    command += [f"-{name}={_free_port()}" for name in (
+        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+        "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc")]
     try:
         with _serving(S3Server(f"http://127.0.0.1:{port}"), command, data_dir / "weed.log",
                       env) as server:

@@ -24,7 +24,13 @@ from pipeline.plan import JobConfig, StartupError
 from pipeline.runner import run_job
 from pipeline.stub import StubOptions, stub_labels
 from schemas import annotations_to_label_map
-from schemas.io import completed_shards, iter_label_rows, read_label_table, read_run_record
+from schemas.io import (
+    completed_shards,
+    iter_label_rows,
+    list_label_files,
+    read_label_table,
+    read_run_record,
+)
 
 NUM_CLASSES = 5
 
@@ -89,8 +95,10 @@ def test_end_to_end_s3_webdataset_to_s3_with_coco_export(ray_cpus, s3_server, vo
                                                          "building"]
     assert record["engine_config"]["gamma"] == 0.2 and record["models"]["engine"] == "stub"
     assert len(record["resources"]["worker_peak_memory_bytes"]) == 2
-    _, meta = read_label_table(f"{output}/labels/shard-01.parquet",
-                               storage_options=s3_server.storage_options)
+    certified = list_label_files(output, s3_server.storage_options)
+    assert [p.rsplit("/", 1)[-1] for p in certified] == [
+        f"shard-0{i}.{record['run_id']}-0.parquet" for i in range(3)]
+    _, meta = read_label_table(f"s3://{certified[1]}", storage_options=s3_server.storage_options)
     assert meta["vocabulary_hash"] == record["vocabulary_hash"]
     assert meta["categories"][2].synonyms == ("person", "man")
     text = json.dumps(record) + "\n".join(lines) + json.dumps(meta["run"])
@@ -113,12 +121,17 @@ def test_gcs_image_prefix_to_gcs_then_rerun_skips_everything(ray_cpus, gcs_serve
                io_options={"images_per_shard": 2})
     summary = run_job(job, emit=lambda _: None)
     assert summary.status == "complete" and summary.record["totals"]["images"] == 5
+    assert any("ignores conditional writes" in action  # the emulator does; told, not hidden
+               for action in summary.record["history"][-1]["actions"])
     rows = _rows(output, gcs_server)
     assert all(row["source_uri"].startswith(f"gs://{bucket}/photos/") for row in rows)
     _assert_labels_equal_stub(rows, {r["image_id"]: images[r["key"]] for r in rows})
     assert len(completed_shards(output, gcs_server.storage_options)) == 3
     again = run_job(job, emit=lambda _: None)
-    assert again.status == "complete" and again.record["totals"]["shards_skipped"] == 3
+    assert again.status == "complete" and again.record["this_run"]["shards_skipped"] == 3
+    assert again.record["totals"]["images"] == 5 and again.record["totals"]["shards"] == 3
+    assert [h["status"] for h in again.record["history"]] == ["complete", "complete"]
+    assert again.record["history"][-1]["images_labelled"] == 0
     _check_coco_export(output, gcs_server, tmp_path / "coco.json", rows)
 
 
@@ -155,7 +168,8 @@ def test_parquet_shards_and_limit_then_full_rerun(ray_cpus, s3_server, vocab_fil
     full = run_job(_job(f"s3://{bucket}/pq", output, vocab_file, s3_server,
                         io_options={"id_column": "id"}), emit=lambda _: None)
     assert full.status == "complete"
-    assert full.record["totals"]["shards_skipped"] == 1
+    assert full.record["this_run"]["shards_skipped"] == 1
+    assert full.record["totals"]["images"] == 7 and full.record["this_run"]["images"] == 4
     _assert_labels_equal_stub(_rows(output, s3_server), images)
 
 
@@ -173,7 +187,8 @@ def test_limit_on_image_files_is_reported_limited_then_completed(ray_cpus, tmp_p
                                                                       "im2.png"]
     full = run_job(dataclasses.replace(job, io=dataclasses.replace(job.io, limit=None)),
                    emit=lambda _: None)
-    assert full.status == "complete" and full.record["totals"]["shards_skipped"] == 1
+    assert full.status == "complete" and full.record["this_run"]["shards_skipped"] == 1
+    assert full.record["totals"]["images"] == 5
     keys = [r["key"] for r in _rows(str(tmp_path / "out"))]
     assert sorted(keys) == [f"im{i}.png" for i in range(5)]  # each exactly once
 
@@ -203,7 +218,8 @@ def test_resume_after_interruption_without_duplicates(ray_cpus, s3_server, vocab
     fs.rm(f"{bucket}/out/_done/{done[0]}.json")  # killed between table and record
     summary = run_job(job, emit=lambda _: None)
     assert summary.status == "complete"
-    assert summary.record["totals"]["shards_skipped"] == len(done) - 1
+    assert summary.record["this_run"]["shards_skipped"] == len(done) - 1
+    assert summary.record["totals"]["images"] == 12 and summary.record["totals"]["shards"] == 6
     rows = _rows(output, s3_server)
     keyed = {r["image_id"]: images[r["key"]] for r in rows}
     assert len(rows) == len(keyed) == 12
@@ -223,7 +239,7 @@ def test_killed_actor_mid_run_is_replaced_and_its_shards_retried(ray_cpus, tmp_p
                            io_options={"images_per_shard": 3}, actors=2),
                       emit=lambda _: None)
     assert (tmp_path / "stub-died").exists()
-    assert summary.status == "complete" and summary.record["totals"]["retries"] >= 1
+    assert summary.status == "complete" and summary.record["this_run"]["retries"] >= 1
     assert summary.record["resources"]["worker_replacements"] == 1
     rows = _rows(str(tmp_path / "out"))
     _assert_labels_equal_stub(rows, {r["image_id"]: images[r["key"]] for r in rows})
@@ -295,7 +311,7 @@ def test_slow_shard_that_keeps_finishing_images_is_not_stalled(ray_cpus, tmp_pat
                stub=StubOptions(seconds_per_image=0.4), actors=1, stall_timeout_s=2.0)
     summary = run_job(job, emit=lambda _: None)  # one shard of 12 images: ~5 s > 2 s
     assert summary.status == "complete", summary.record["failed_shards"]
-    assert summary.record["totals"]["retries"] == 0
+    assert summary.record["this_run"]["retries"] == 0
     assert summary.record["resources"]["worker_replacements"] == 0
     assert len(_rows(str(tmp_path / "out"))) == 12
 

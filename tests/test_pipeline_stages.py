@@ -21,18 +21,19 @@ from conftest import edge_case_images, encode, photo, photos, tar_bytes, write_v
 from PIL import Image
 
 from cass_engine import CassConfig
-from pipeline import storage
+from pipeline import storage, writer
 from pipeline.config import ComputeConfig, ConfigError, IOConfig, redact
 from pipeline.decode import decode_image
 from pipeline.engine import EngineSpec, stage_weights
-from pipeline.plan import JobConfig, StartupError, plan_job
+from pipeline.plan import JobConfig, OutputPolicy, StartupError, plan_job
 from pipeline.readers import iter_raw_images, tar_key
 from pipeline.record import OutputConflict, check_compatible
 from pipeline.shards import InputError, ShardSpec, list_shards, safe_shard_id
 from pipeline.stub import StubOptions, stub_labels
 from pipeline.worker import LabelWorker, WorkerSpec
 from schemas import annotations_to_label_map
-from schemas.io import read_label_table
+from schemas.completion import certified_labels
+from schemas.io import open_output, read_label_table
 
 LIMIT = 1_000_000
 
@@ -198,6 +199,12 @@ def test_retry_transient_errors_then_succeed_and_permanent_fail_fast():
 
 
 # ---------------------------------------------------------------------- worker
+def _certified(out: Path, shard_id: str) -> str:
+    """The labels object that the shard's completion record certifies."""
+    [found] = [c for c in certified_labels(*open_output(str(out))) if c.shard_id == shard_id]
+    return found.path
+
+
 def _worker(tmp_path: Path, vocab: Path, stub: StubOptions | None = None,
             **io_options) -> LabelWorker:
     config = CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab))
@@ -215,14 +222,18 @@ def test_worker_labels_a_shard_exactly_and_writes_record_last(tmp_path, vocab_fi
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "s.tar").write_bytes(tar_bytes({k: v for k, (v, _) in cases.items()}))
     writes = []
-    original = storage.put_bytes
+    original, create = storage.put_bytes, writer.create_object
     monkeypatch.setattr("pipeline.writer.put_bytes",
                         lambda fs, path, data: (writes.append(path), original(fs, path, data)))
+    monkeypatch.setattr("pipeline.writer.create_object",
+                        lambda fs, path, data: (writes.append(path), create(fs, path, data))[1])
     worker = _worker(tmp_path, vocab_file)
     shard = list_shards(worker.spec.io)[0]
     record = worker.process_shard(shard)
     assert [Path(p).parent.name for p in writes] == ["labels", "_done"]
-    table, meta = read_label_table(str(tmp_path / "out" / "labels" / "s.parquet"))
+    assert writes[0].endswith("/labels/s.local-0.parquet") and record["labels"] == (
+        "labels/s.local-0.parquet")
+    table, meta = read_label_table(_certified(tmp_path / "out", "s"))
     rows = {r["key"]: r for r in table.to_pylist()}
     assert set(rows) == {tar_key(k) for k in cases}
     for name, (data, expected) in cases.items():
@@ -244,7 +255,7 @@ def test_engine_failure_on_one_image_becomes_an_error_row(tmp_path, vocab_file):
         (tmp_path / "in" / name).write_bytes(encode(photo("astronaut", side)))
     worker = _worker(tmp_path, vocab_file, StubOptions(fail_on_height=50))
     worker.process_shard(list_shards(worker.spec.io)[0])
-    table, _ = read_label_table(str(tmp_path / "out" / "labels" / "images-000000.parquet"))
+    table, _ = read_label_table(_certified(tmp_path / "out", "images-000000"))
     statuses = [r["status"] for r in table.to_pylist()]
     assert statuses == ["ok", "engine_error", "ok"]
 
@@ -270,7 +281,7 @@ def test_undecodable_names_and_odd_decoder_failures_are_rows_not_failed_shards(
     worker = _worker(tmp_path, vocab_file)
     shard = list_shards(worker.spec.io)[0]
     worker.process_shard(shard)
-    table, _ = read_label_table(str(tmp_path / "out" / "labels" / f"{shard.shard_id}.parquet"))
+    table, _ = read_label_table(_certified(tmp_path / "out", shard.shard_id))
     rows = table.to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok", "ok"]
     assert len({r["image_id"] for r in rows}) == 3
@@ -296,7 +307,7 @@ def test_objects_too_big_to_be_an_allowed_image_are_not_read(tmp_path, vocab_fil
     worker.spec = dataclasses.replace(
         worker.spec, io=dataclasses.replace(worker.spec.io, max_image_pixels=1000))
     worker.process_shard(list_shards(worker.spec.io)[0])
-    rows = read_label_table(str(tmp_path / "out" / "labels" / "a.parquet"))[0].to_pylist()
+    rows = read_label_table(_certified(tmp_path / "out", "a"))[0].to_pylist()
     assert [(r["key"], r["status"]) for r in rows] == [("big", "too_large"), ("ok", "ok")]
     assert f"{limit + 1} bytes exceeds the limit of {limit}" in rows[0]["error"]
     (tmp_path / "in" / "a.tar").unlink()
@@ -319,7 +330,7 @@ def test_damaged_parquet_pages_end_the_shard_with_an_error_row(tmp_path, vocab_f
     path.write_bytes(bytes(data))
     worker = _worker(tmp_path, vocab_file)
     worker.process_shard(list_shards(worker.spec.io)[0])
-    table, _ = read_label_table(str(tmp_path / "out" / "labels" / "part.parquet"))
+    table, _ = read_label_table(_certified(tmp_path / "out", "part"))
     rows = table.to_pylist()
     assert len(rows) == 33 and [r["status"] for r in rows[:32]] == ["ok"] * 32
     assert rows[-1]["status"] == "decode_error" and "from row 32" in rows[-1]["error"]
@@ -345,6 +356,13 @@ def test_storage_errors_during_write_are_retried(tmp_path, vocab_file, monkeypat
 
 
 # ---------------------------------------------------------------------- plan / record
+def _plan(job: JobConfig) -> object:
+    """Plan a job and give its output's lease back (the plan is inspected, not run)."""
+    plan = plan_job(job)
+    plan.release()
+    return plan
+
+
 def _job(tmp_path: Path, vocab: Path, **io_options) -> JobConfig:
     config = CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab))
     io_cfg = IOConfig(str(tmp_path / "in"), str(tmp_path / "out"), **io_options)
@@ -353,13 +371,13 @@ def _job(tmp_path: Path, vocab: Path, **io_options) -> JobConfig:
 
 def test_plan_fails_fast_with_clear_messages(tmp_path, vocab_file):
     with pytest.raises(StartupError, match="does not exist"):
-        plan_job(_job(tmp_path, vocab_file))
+        _plan(_job(tmp_path, vocab_file))
     _write_images(tmp_path / "in", ["a.png"])
     with pytest.raises(StartupError, match="vocabulary"):
-        plan_job(_job(tmp_path, tmp_path / "no-such-vocab.txt"))
+        _plan(_job(tmp_path, tmp_path / "no-such-vocab.txt"))
     pq.write_table(pa.table({"x": [b"1"]}), tmp_path / "in" / "a.parquet")
     with pytest.raises(StartupError, match="column 'image'"):
-        plan_job(_job(tmp_path, vocab_file, input_format="parquet"))
+        _plan(_job(tmp_path, vocab_file, input_format="parquet"))
     assert not (tmp_path / "out").exists()
 
 
@@ -374,26 +392,26 @@ def test_storage_backend_not_installed_is_a_clear_startup_error(tmp_path, vocab_
                     _job(tmp_path, vocab_file).engine)
     with pytest.raises(StartupError, match=r"list the input nosuchfs://bucket/in: .*"
                                            r"Install nosuchfs-backend"):
-        plan_job(job)
+        _plan(job)
 
 
 def test_repeated_vocabulary_words_are_recorded(tmp_path):
     _write_images(tmp_path / "in", ["a.png"])
     vocab = write_vocabulary(tmp_path / "v.txt", ["cat, kitty", "dog", "kitty", "bed", "bed"])
-    plan = plan_job(_job(tmp_path, vocab))
+    plan = _plan(_job(tmp_path, vocab))
     assert plan.record["vocabulary_repeats"] == ["kitty", "bed"]
 
 
 def test_plan_refuses_to_mix_vocabularies_unless_overwrite(tmp_path, vocab_file):
     _write_images(tmp_path / "in", ["a.png"])
-    plan = plan_job(_job(tmp_path, vocab_file))
+    plan = _plan(_job(tmp_path, vocab_file))
     assert [s.shard_id for s in plan.todo] == ["images-000000"]
     other = write_vocabulary(tmp_path / "other.txt", ["cat", "dog"])
     with pytest.raises(StartupError, match="vocabulary_hash"):
-        plan_job(_job(tmp_path, other))
+        _plan(_job(tmp_path, other))
     (tmp_path / "out" / "labels").mkdir()
     (tmp_path / "out" / "labels" / "old.parquet").write_bytes(b"x")
-    plan = plan_job(_job(tmp_path, other, overwrite=True))
+    plan = _plan(_job(tmp_path, other, overwrite=True))
     assert not (tmp_path / "out" / "labels").exists()
     assert plan.record["categories"][1]["name"] == "dog"
 
@@ -411,33 +429,34 @@ def test_replacement_worker_with_other_weights_refuses_to_label(tmp_path, vocab_
 
 def test_damaged_records_never_block_a_resume(tmp_path, vocab_file):
     _write_images(tmp_path / "in", ["a.png", "b.png"])
-    plan = plan_job(_job(tmp_path, vocab_file, images_per_shard=1))
+    plan = _plan(_job(tmp_path, vocab_file, images_per_shard=1))
     worker = LabelWorker(WorkerSpec(plan.job.engine, plan.job.io, plan.job.compute,
                                     plan.fingerprint))
     worker.prepare(worker.compute_text_embeddings())
     for shard in plan.todo:
         worker.process_shard(shard)
-    assert sorted(plan_job(_job(tmp_path, vocab_file, images_per_shard=1)).skipped) == [
+    assert sorted(_plan(_job(tmp_path, vocab_file, images_per_shard=1)).skipped) == [
         "images-000000", "images-000001"]
     done = tmp_path / "out" / "_done" / "images-000001.json"
     done.write_text(done.read_text()[:20])  # a crash mid-write on a disk without atomic writes
-    again = plan_job(_job(tmp_path, vocab_file, images_per_shard=1))
+    again = _plan(_job(tmp_path, vocab_file, images_per_shard=1))
     assert list(again.skipped) == ["images-000000"]
     assert [s.shard_id for s in again.todo] == ["images-000001"]
     (tmp_path / "out" / "run.json").write_text('{"status": "runn')
     with pytest.raises(StartupError, match="run.json is unreadable.*--overwrite"):
-        plan_job(_job(tmp_path, vocab_file, images_per_shard=1))
-    fresh = plan_job(_job(tmp_path, vocab_file, images_per_shard=1, overwrite=True))
+        _plan(_job(tmp_path, vocab_file, images_per_shard=1))
+    fresh = _plan(_job(tmp_path, vocab_file, images_per_shard=1, overwrite=True))
     assert len(fresh.todo) == 2
 
 
 def _label_all(tmp_path: Path, vocab: Path, **io_options) -> object:
-    plan = plan_job(_job(tmp_path, vocab, **io_options))
+    plan = _plan(_job(tmp_path, vocab, **io_options))
     worker = LabelWorker(WorkerSpec(plan.job.engine, plan.job.io, plan.job.compute,
                                     plan.fingerprint))
     worker.prepare(worker.compute_text_embeddings())
     for shard in plan.todo:
         worker.process_shard(shard)
+    plan.release()
     return plan
 
 
@@ -446,15 +465,24 @@ def test_regrouped_image_files_are_labelled_once(tmp_path, vocab_file):
 
     _write_images(tmp_path / "in", [f"im{i}.png" for i in range(5)])
     _label_all(tmp_path, vocab_file, images_per_shard=2)  # groups 0..2
-    plan = _label_all(tmp_path, vocab_file, images_per_shard=3)  # now groups 0..1
+    with pytest.raises(StartupError, match=r"input\.images_per_shard: 2 -> 3"):
+        _plan(_job(tmp_path, vocab_file, images_per_shard=3))  # another input identity
+    (tmp_path / "in" / "im4.png").unlink()  # now groups 0..1
+    plan = _label_all(tmp_path, vocab_file, images_per_shard=2)
     assert plan.record["stale_shards"] == {"removed": ["images-000002"], "kept": []}
     keys = sorted(r["key"] for r in iter_label_rows(str(tmp_path / "out")))
-    assert keys == [f"im{i}.png" for i in range(5)]
-    assert not (tmp_path / "out" / "labels" / "images-000002.parquet").exists()
-    (tmp_path / "in" / "im4.png").unlink()
-    _label_all(tmp_path, vocab_file, images_per_shard=3)
-    keys = sorted(r["key"] for r in iter_label_rows(str(tmp_path / "out")))
     assert keys == [f"im{i}.png" for i in range(4)]
+    assert not list((tmp_path / "out" / "labels").glob("images-000002.*"))
+    (tmp_path / "in" / "im1.png").unlink()  # both groups change
+    plan = _label_all(tmp_path, vocab_file, images_per_shard=2)
+    assert [s.shard_id for s in plan.todo] == ["images-000000", "images-000001"]
+    keys = sorted(r["key"] for r in iter_label_rows(str(tmp_path / "out")))
+    assert keys == ["im0.png", "im2.png", "im3.png"]
+    assert len(list((tmp_path / "out" / "labels").iterdir())) == 2  # no stale table left
+    plan = _label_all(tmp_path, vocab_file, images_per_shard=3, overwrite=True)
+    assert [s.shard_id for s in plan.todo] == ["images-000000"]
+    keys = sorted(r["key"] for r in iter_label_rows(str(tmp_path / "out")))
+    assert keys == ["im0.png", "im2.png", "im3.png"]
 
 
 def test_coco_export_is_written_whole_or_not_at_all(tmp_path, vocab_file, monkeypatch, capsys):
@@ -525,7 +553,12 @@ def test_cli_flags_only_override_dataclass_defaults(vocab_file):
 
     base = ["--input", "in", "--output", "out", "--vocab", str(vocab_file)]
     job = job_from_args(build_parser().parse_args(base))
-    assert job.io == IOConfig("in", "out") and job.compute == ComputeConfig()
+    cwd = os.getcwd()  # relative local paths: against the directory the command runs in
+    assert job.io == IOConfig(f"{cwd}/in", f"{cwd}/out") and job.compute == ComputeConfig()
+    assert job.policy == OutputPolicy()
+    flags = ["--wait-for-lease", "30", "--lease-ttl", "10", "--verify", "--output-is-shared"]
+    assert job_from_args(build_parser().parse_args(base + flags)).policy == OutputPolicy(
+        wait_for_lease_s=30.0, lease_ttl_s=10.0, verify=True, output_is_shared=True)
     job = job_from_args(build_parser().parse_args(base + ["--batch-size", "4", "--format",
                                                           "parquet", "--random-weights", "3"]))
     assert job.compute.batch_size == 4 and job.compute.actors is None
@@ -612,7 +645,7 @@ def test_limit_budget_is_shared_by_the_shards_that_start_together():
     from pipeline.runner import Scheduler
 
     class Actor:
-        process_shard = SimpleNamespace(remote=lambda shard, cap: object())
+        process_shard = SimpleNamespace(remote=lambda shard, cap, launch: object())
 
     spec = lambda i: ShardSpec(f"s{i}", "parquet", (f"s{i}.pq",), (), "u", "fp")  # noqa: E731
     plan = SimpleNamespace(todo=[spec(i) for i in range(9)],
