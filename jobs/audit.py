@@ -3,7 +3,7 @@
 Usage::
 
     python jobs/audit.py --labels OUTPUT --ground-truth URI [--gt-format coco|masks|parquet]
-        [--category-map FILE] --report DIR [--fail-under MIOU]
+        [--category-map FILE] --report DIR [--fail-under MIOU] [--calibrate-precision P]
 
 Exit status: 0 success, 1 mIoU below ``--fail-under``, 2 bad input (one-line message on
 stderr). Progress goes to stderr, the summary to stdout.
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", default=None,
                    help="JSON object of fsspec storage options for every URI")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument("--calibrate-precision", type=float, default=None, metavar="P",
+                   help="also write thresholds.json: per class the lowest confidence "
+                   "threshold whose pixel precision reaches P (0..1; needs confidence)")
     return p
 
 
@@ -70,6 +73,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         image_suffix=args.image_suffix,
         coco_unlabeled=args.coco_unlabeled, worst_k=args.worst_k, coco_ap=args.coco_ap,
         fail_under=args.fail_under, storage_options=options, progress=not args.no_progress,
+        calibrate_precision=args.calibrate_precision,
     )
 
 

@@ -14,7 +14,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from schemas import SCHEMA_VERSION, Category
-from schemas.io import DONE_DIR, LABELS_DIR, done_path, run_record_path
+from schemas.io import (  # CATEGORIES_FILE, categories_document: issue 10
+    CATEGORIES_FILE,
+    DONE_DIR,
+    LABELS_DIR,
+    categories_document,
+    done_path,
+    run_record_path,
+)
 
 from .shards import ShardSpec
 from .storage import exists, put_bytes, read_bytes, remove_tree, retry
@@ -61,6 +68,10 @@ def read_existing_record(fs: Any, root: str) -> dict | None:
 
 def write_record(fs: Any, root: str, record: Mapping) -> None:
     put_bytes(fs, run_record_path(root), json.dumps(record, indent=2, sort_keys=True).encode())
+    # issue 10: category names next to the labels (OUTPUT/categories.json)
+    if record.get("categories"):
+        put_bytes(fs, f"{root}/{CATEGORIES_FILE}",
+                  json.dumps(categories_document(record), indent=2, sort_keys=True).encode())
 
 
 def check_compatible(existing: Mapping | None, identity: Mapping, fingerprint: str,

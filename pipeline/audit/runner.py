@@ -7,6 +7,10 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from schemas.confidence import decode_levels
+from schemas.io import output_provenance
+
+from .calibration import CalibrationAccumulator, write_calibration
 from .categories import build_mapping, parse_mapping_text
 from .errors import AuditError
 from .evaluator import EvaluationResult, Evaluator
@@ -54,6 +58,8 @@ class AuditConfig:
         fail_under: mIoU bar in percent; below it the audit exits with status 1.
         storage_options: fsspec options for every URI.
         progress: show progress on stderr.
+        calibrate_precision: also compute per-class confidence thresholds reaching this
+            pixel precision (``thresholds.json``; needs labels with confidence).
     """
 
     labels: str
@@ -71,6 +77,7 @@ class AuditConfig:
     fail_under: float | None = None
     storage_options: dict = field(default_factory=dict)
     progress: bool = True
+    calibrate_precision: float | None = None
 
     def __post_init__(self) -> None:
         if self.gt_format is not None and self.gt_format not in GT_FORMATS:
@@ -81,6 +88,8 @@ class AuditConfig:
             raise AuditError("--worst-k must be >= 0")
         if self.fail_under is not None and not 0.0 <= self.fail_under <= 100.0:
             raise AuditError("--fail-under is an mIoU in percent (0..100)")
+        if self.calibrate_precision is not None and not 0.0 < self.calibrate_precision <= 1.0:
+            raise AuditError("--calibrate-precision is a pixel precision in (0, 1]")
 
 
 @dataclass
@@ -139,7 +148,8 @@ def _candidates(row: dict, image_suffix: str | None) -> list[str]:
 
 
 def _evaluate_row(row: dict, labels: LabelsSource, gt: GroundTruth, evaluator: Evaluator,
-                  log: MatchLog, image_suffix: str | None = None) -> str:
+                  log: MatchLog, image_suffix: str | None = None,
+                  calibration: CalibrationAccumulator | None = None) -> str:
     """Evaluate or log one labels row; returns what happened (for the progress line).
 
     A failed row still claims its ground-truth image, which is then reported under
@@ -165,8 +175,14 @@ def _evaluate_row(row: dict, labels: LabelsSource, gt: GroundTruth, evaluator: E
         log.invalid_predictions.append((image_id, str(error)))
         return "invalid"
     ref = ImageRef(image_id, row.get("source_uri"), row.get("key"))
-    evaluator.add(ref, gt.load(key).label_map, pred, row_presence(row),
-                  row_class_scores(row, labels))
+    gt_map = gt.load(key).label_map
+    evaluator.add(ref, gt_map, pred, row_presence(row), row_class_scores(row, labels))
+    if calibration is not None:
+        if row.get("confidence") is None:
+            log.invalid_predictions.append((image_id, "no confidence (--calibrate-precision)"))
+            return "invalid"
+        levels = decode_levels(row["confidence"], *pred.shape)
+        calibration.add(gt_map, pred, levels)
     return "ok"
 
 
@@ -198,26 +214,40 @@ def _mapping(config: AuditConfig, labels: LabelsSource, gt: GroundTruth):
     return mapping
 
 
-def evaluate_labels(config: AuditConfig) -> tuple[EvaluationResult, dict, dict, dict]:
-    """Run the evaluation; returns (result, unmatched counts, unmatched lists, sources)."""
+def evaluate_labels(config: AuditConfig, calibration_out: list | None = None
+                    ) -> tuple[EvaluationResult, dict, dict, dict]:
+    """Run the evaluation; returns (result, unmatched counts, unmatched lists, sources).
+
+    With ``config.calibrate_precision``, the filled :class:`CalibrationAccumulator` is
+    appended to ``calibration_out``.
+    """
     labels = open_labels(config.labels, config.storage_options)
     gt = open_ground_truth(config)
-    evaluator = Evaluator(_mapping(config, labels, gt), config.worst_k, config.coco_ap)
+    mapping = _mapping(config, labels, gt)
+    evaluator = Evaluator(mapping, config.worst_k, config.coco_ap)
+    calibration = None
+    if config.calibrate_precision is not None:
+        calibration = CalibrationAccumulator(mapping.class_to_gt, mapping.num_gt)
+        if calibration_out is not None:
+            calibration_out.append(calibration)
     log = MatchLog()
     progress = Progress("audit: rows", None, sys.stderr if config.progress else None)
     for row in iter_rows(labels):
-        outcome = _evaluate_row(row, labels, gt, evaluator, log, config.image_suffix)
+        outcome = _evaluate_row(row, labels, gt, evaluator, log, config.image_suffix,
+                                calibration)
         progress.update(1, **({outcome: 1} if outcome != "ok" else {}))
     progress.close()
     counts, lists = _unmatched(log, gt, labels)
     sources = {"labels": config.labels, "ground_truth": gt.description,
-               "vocabulary_hash": labels.vocabulary_hash}
+               "vocabulary_hash": labels.vocabulary_hash,
+               "random_weights": labels_random_weights(config.labels, config.storage_options)}
     return evaluator.result(), counts, lists, sources
 
 
 def run_audit(config: AuditConfig) -> AuditOutcome:
     """Evaluate, write the report, and decide the exit status against ``fail_under``."""
-    result, counts, lists, sources = evaluate_labels(config)
+    calibrations: list[CalibrationAccumulator] = []
+    result, counts, lists, sources = evaluate_labels(config, calibrations)
     metrics = build_metrics(result, counts, sources, config.fail_under)
     options = config.storage_options
 
@@ -225,7 +255,20 @@ def run_audit(config: AuditConfig) -> AuditOutcome:
         return load_source_image(ref.source_uri, ref.key, options)
 
     files = write_report(config.report_dir, result, metrics, lists, load_image, options)
+    if calibrations:
+        labels = open_labels(config.labels, options)
+        names = [c.name for c in labels.categories]
+        files += write_calibration(config.report_dir, calibrations[0], names,
+                                   config.calibrate_precision, sources, options)
     return AuditOutcome(metrics, files, below_bar(metrics["mIoU"], config.fail_under))
+
+
+def labels_random_weights(uri: str, storage_options: Mapping | None) -> int | None:
+    """The random-weights seed the labels were made with (None: real weights or unknown)."""
+    try:
+        return output_provenance(uri, storage_options)["random_weights"]
+    except (OSError, ValueError):
+        return None
 
 
 def below_bar(miou_percent: float | None, fail_under: float | None) -> int:
