@@ -68,7 +68,7 @@ def encode_confidence(confidence: np.ndarray, scale: int = 1) -> bytes:
         small = (max(1, round(width / scale)), max(1, round(height / scale)))
         values = np.asarray(Image.fromarray(values, mode="F").resize(small, Image.BOX))
     buffer = io.BytesIO()
-    Image.fromarray(quantize(values), mode="L").save(buffer, format="PNG", optimize=True)
+    Image.fromarray(quantize(values), mode="L").save(buffer, format="PNG")  # zlib level 6
     return buffer.getvalue()
 
 

@@ -229,3 +229,12 @@ def test_export_runs_as_a_script(labelled, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "wrote 6 images (png)" in done.stdout
     assert "export png: rows" in done.stderr  # progress
+
+
+def test_label_job_stores_confidence_only_when_asked(tmp_path):
+    from jobs.label import build_parser, job_from_args
+
+    base = ["--vocab", "v.txt", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]
+    assert job_from_args(build_parser().parse_args(base)).io.confidence is False
+    job = job_from_args(build_parser().parse_args([*base, "--confidence"]))
+    assert job.io.confidence is True and job.io.public_dict()["confidence"] is True
