@@ -29,8 +29,11 @@ from pipeline.exports import (
     export_hf,
     export_png,
     prepare,
+    write_side_files,
 )
+from pipeline.storage import filesystem
 from schemas.confidence import resolve_levels
+from schemas.io import iter_label_rows
 
 EXIT_INPUT_ERROR = 2
 
@@ -55,8 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _thresholds(uri: str | None, storage_options: dict) -> dict | None:
     if uri is None:
         return None
-    from pipeline.storage import filesystem
-
     fs, path = filesystem(uri, storage_options)
     try:
         with fs.open(path, "rb") as f:
@@ -86,21 +87,17 @@ def run(args: argparse.Namespace) -> ExportSummary:
 
 def _coco(labels: str, out: str, options: ExportOptions) -> ExportSummary:
     from jobs.export_coco import export as export_coco
-    from pipeline.exports import _side_files
 
     provenance = prepare(labels, out, options)
     target = f"{out.rstrip('/')}/annotations.json"
     counts = export_coco(labels, target, dict(options.storage_options))
     summary = ExportSummary("coco", out, written=counts["images"])
-    from pipeline.storage import filesystem
-    from schemas.io import iter_label_rows
-
     for row in iter_label_rows(labels, options.storage_options,
                                columns=["image_id", "status", "error"]):
         if row["status"] != "ok":
             summary.error_rows.append((row["image_id"], f"{row['status']}: {row['error']}"))
     fs, root = filesystem(out, options.storage_options)
-    _side_files(fs, root, provenance, summary, options, classes_txt=True)
+    write_side_files(fs, root, provenance, summary, options, classes_txt=True)
     return summary
 
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from schemas.confidence import IGNORE_LABEL, apply_ignore, decode_levels
-from schemas.io import categories_document, output_provenance, read_run_record
+from schemas.io import categories_document, iter_file_rows, output_provenance, read_run_record
 from schemas.labels import STATUS_OK
 from schemas.masks import annotations_to_label_map
 
@@ -163,8 +163,9 @@ def _put(fs: Any, path: str, data: bytes) -> None:
         f.write(data)
 
 
-def _side_files(fs: Any, root: str, provenance: Mapping, summary: ExportSummary,
-                options: ExportOptions, classes_txt: bool) -> None:
+def write_side_files(fs: Any, root: str, provenance: Mapping, summary: ExportSummary,
+                     options: ExportOptions, classes_txt: bool) -> None:
+    """``id2label.json``, ``classes.txt`` (optional) and ``export.json`` of an export."""
     cats = provenance["categories"]
     doc = categories_document({"categories": [c.to_dict() for c in cats],
                                "schema_version": provenance["schema_version"],
@@ -201,8 +202,6 @@ def export_png(labels_uri: str, out_uri: str, options: ExportOptions) -> ExportS
     summary = ExportSummary("png", out_uri)
     fs, files = label_files(labels_uri, options.storage_options)
     progress = _progress(files, fs, options, "png")
-    from schemas.io import iter_file_rows
-
     for path in files:
         for row in iter_file_rows(fs, path, ["image_id", "status", "error", "key", "width",
                                              "height", "annotations", "confidence"]):
@@ -222,7 +221,7 @@ def export_png(labels_uri: str, out_uri: str, options: ExportOptions) -> ExportS
             _account(summary, row, values)
             summary.written += 1
     progress.close()
-    _side_files(out_fs, root, provenance, summary, options, classes_txt=True)
+    write_side_files(out_fs, root, provenance, summary, options, classes_txt=True)
     return summary
 
 
@@ -281,7 +280,7 @@ def export_hf(labels_uri: str, out_uri: str, options: ExportOptions) -> ExportSu
             if buffer:
                 writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
     progress.close()
-    _side_files(out_fs, root, provenance, summary, options, classes_txt=False)
+    write_side_files(out_fs, root, provenance, summary, options, classes_txt=False)
     return summary
 
 

@@ -44,7 +44,7 @@ def level_of(threshold: float) -> int:
     """
     if threshold <= 0:
         return 0
-    return min(LEVELS, int(np.ceil(threshold * (LEVELS - 1) - 1e-9)))
+    return min(LEVELS, int(np.ceil(threshold * (LEVELS - 1) - 1e-6)))
 
 
 def encode_confidence(confidence: np.ndarray, scale: int = 1) -> bytes:

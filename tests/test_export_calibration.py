@@ -13,7 +13,7 @@ from jobs import audit as audit_job
 from pipeline.audit.calibration import CalibrationAccumulator, lowest_level
 from pipeline.audit.fixtures import write_labels_output
 from pipeline.audit.metrics import IGNORED
-from schemas.confidence import dequantize, encode_confidence, quantize
+from schemas.confidence import dequantize, encode_confidence, quantize, resolve_levels
 from schemas.labels import make_row
 from schemas.masks import label_map_to_annotations
 
@@ -90,6 +90,11 @@ def test_thresholds_json_matches_brute_force(tmp_path):
         assert entry["precision"] >= TARGET
     threshold, _ = brute_force(items, None, TARGET)
     assert doc["global"]["threshold"] == pytest.approx(threshold, abs=1e-6)
+    # an export with this file keeps exactly the levels the brute force found
+    levels = resolve_levels([n for (n,) in VOCAB], thresholds=doc)
+    for k, (name,) in enumerate(VOCAB):
+        assert levels[k] == round(brute_force(items, k, TARGET)[0] * 255)
+        assert levels[k] == doc["classes"][name]["level"]
     assert (tmp_path / "rep" / "calibration.png").read_bytes()[:4] == b"\x89PNG"
     assert "Calibrated ignore thresholds" in (tmp_path / "rep" / "report.md").read_text()
     assert "Calibrated ignore thresholds" in (tmp_path / "rep" / "report.html").read_text()

@@ -128,3 +128,15 @@ def test_readme_training_example_runs(labelled):
     namespace: dict = {}
     exec(compile(code.replace('"out/demo"', repr(str(labelled))), "README", "exec"), namespace)
     assert np.isfinite(namespace["loss"].item())
+
+
+def test_the_reader_imports_neither_torch_nor_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.dataset, schemas.confidence; "
+            "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -14,8 +14,10 @@ The class's threshold is the lowest ``L / 255`` whose precision reaches the targ
 global one pools every class. ``thresholds.json``::
 
     {"target_precision": P, "levels": 256, "global": {...},
-     "classes": {name: {"index", "threshold", "reached", "precision", "recall", "kept",
-                        "judged_pixels"}}, "provenance": {...}}
+     "classes": {name: {"index", "threshold", "level", "reached", "precision", "recall",
+                        "kept", "judged_pixels"}}, "provenance": {...}}
+
+``level`` is the lowest kept uint8 confidence level (``threshold = level / 255``).
 
 ``threshold`` is null when the class was never judged (exports then use the global one) and
 ``reached`` false when no threshold reaches the target (exports then ignore the whole class).
@@ -113,7 +115,7 @@ def _entry(curves: Mapping, target: float) -> dict:
         v = float(curves[name][level])
         return None if np.isnan(v) else round(v, 6)
 
-    return {"threshold": round(level / (LEVELS - 1), 6), "reached": True,
+    return {"threshold": level / (LEVELS - 1), "level": level, "reached": True,
             "precision": value("precision"), "recall": value("recall"), "kept": value("kept"),
             "judged_pixels": curves["judged"]}
 
