@@ -126,5 +126,8 @@ def test_calibration_needs_confidence(tmp_path):
                            str(tmp_path / "rep"), "--no-progress",
                            "--calibrate-precision", "0.9"]) == 0
     metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
-    assert metrics["unmatched"]["invalid_predictions"] == 1
-    assert metrics["unmatched"]["examples"]["invalid_predictions"] == ["s0/img0"]
+    assert metrics["num_images"] == 1 and metrics["mIoU"] == 100.0  # still evaluated
+    doc = json.loads((tmp_path / "rep" / "thresholds.json").read_text())
+    assert doc["rows_without_confidence"] == 1
+    assert doc["rows_without_confidence_examples"] == ["s0/img0"]
+    assert doc["classes"]["cat"]["reached"] is None  # never judged

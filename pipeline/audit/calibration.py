@@ -50,6 +50,7 @@ class CalibrationAccumulator:
         self.wrong = np.zeros((self.num_classes, LEVELS), dtype=np.int64)
         self.gt_pixels = np.zeros(num_gt, dtype=np.int64)
         self.unjudged = 0
+        self.without_confidence: list[str] = []
 
     def add(self, gt: np.ndarray, pred: np.ndarray, levels: np.ndarray) -> None:
         """Count one image.
@@ -128,6 +129,8 @@ def thresholds_document(acc: CalibrationAccumulator, class_names: Sequence[str],
         classes[name] = {"index": k, **_entry(acc.curves(k), target)}
     return {"target_precision": target, "levels": LEVELS, "global": _entry(acc.curves(), target),
             "classes": classes, "unjudged_pixels": acc.unjudged,
+            "rows_without_confidence": len(acc.without_confidence),
+            "rows_without_confidence_examples": acc.without_confidence[:20],
             "provenance": dict(provenance or {})}
 
 
@@ -171,7 +174,9 @@ def calibration_markdown(document: Mapping) -> str:
     """The report.md section of the calibration."""
     lines = ["", "## Calibrated ignore thresholds", "",
              f"Target pixel precision {document['target_precision']}; the lowest confidence "
-             "threshold reaching it per class (thresholds.json, curves in calibration.png).",
+             "threshold reaching it per class (thresholds.json, curves in calibration.png). "
+             f"Rows without a stored confidence (not counted): "
+             f"{document['rows_without_confidence']}.",
              "", "| class | threshold | precision | recall | kept | judged pixels |",
              "|---|---|---|---|---|---|"]
     for name, e in [("(global)", document["global"]), *document["classes"].items()]:

@@ -179,10 +179,9 @@ def _evaluate_row(row: dict, labels: LabelsSource, gt: GroundTruth, evaluator: E
     evaluator.add(ref, gt_map, pred, row_presence(row), row_class_scores(row, labels))
     if calibration is not None:
         if row.get("confidence") is None:
-            log.invalid_predictions.append((image_id, "no confidence (--calibrate-precision)"))
-            return "invalid"
-        levels = decode_levels(row["confidence"], *pred.shape)
-        calibration.add(gt_map, pred, levels)
+            calibration.without_confidence.append(image_id)
+            return "no confidence"
+        calibration.add(gt_map, pred, decode_levels(row["confidence"], *pred.shape))
     return "ok"
 
 
@@ -218,8 +217,8 @@ def evaluate_labels(config: AuditConfig, calibration_out: list | None = None
                     ) -> tuple[EvaluationResult, dict, dict, dict]:
     """Run the evaluation; returns (result, unmatched counts, unmatched lists, sources).
 
-    With ``config.calibrate_precision``, the filled :class:`CalibrationAccumulator` is
-    appended to ``calibration_out``.
+    With ``config.calibrate_precision``, the filled :class:`CalibrationAccumulator` and the
+    class names are appended to ``calibration_out``.
     """
     labels = open_labels(config.labels, config.storage_options)
     gt = open_ground_truth(config)
@@ -229,7 +228,7 @@ def evaluate_labels(config: AuditConfig, calibration_out: list | None = None
     if config.calibrate_precision is not None:
         calibration = CalibrationAccumulator(mapping.class_to_gt, mapping.num_gt)
         if calibration_out is not None:
-            calibration_out.append(calibration)
+            calibration_out.append((calibration, [c.name for c in labels.categories]))
     log = MatchLog()
     progress = Progress("audit: rows", None, sys.stderr if config.progress else None)
     for row in iter_rows(labels):
@@ -246,7 +245,7 @@ def evaluate_labels(config: AuditConfig, calibration_out: list | None = None
 
 def run_audit(config: AuditConfig) -> AuditOutcome:
     """Evaluate, write the report, and decide the exit status against ``fail_under``."""
-    calibrations: list[CalibrationAccumulator] = []
+    calibrations: list[tuple[CalibrationAccumulator, list[str]]] = []
     result, counts, lists, sources = evaluate_labels(config, calibrations)
     metrics = build_metrics(result, counts, sources, config.fail_under)
     options = config.storage_options
@@ -256,9 +255,8 @@ def run_audit(config: AuditConfig) -> AuditOutcome:
 
     files = write_report(config.report_dir, result, metrics, lists, load_image, options)
     if calibrations:
-        labels = open_labels(config.labels, options)
-        names = [c.name for c in labels.categories]
-        files += write_calibration(config.report_dir, calibrations[0], names,
+        accumulator, names = calibrations[0]
+        files += write_calibration(config.report_dir, accumulator, names,
                                    config.calibrate_precision, sources, options)
     return AuditOutcome(metrics, files, below_bar(metrics["mIoU"], config.fail_under))
 
