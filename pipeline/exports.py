@@ -4,8 +4,9 @@
   vocabulary order, 255 = ignore; ``DIR/classes.txt`` (the vocabulary format) and
   ``DIR/id2label.json``. The layout mmsegmentation, detectron2's sem_seg and our audit
   (``--gt-format masks``) read.
-- ``hf``: ``DIR/data/train-<shard>.parquet`` with ``image`` and ``label`` columns as
-  ``datasets.Image`` features (and ``image_id``), plus ``DIR/id2label.json``:
+- ``hf``: ``DIR/data/train-<shard>.parquet`` with ``image``, ``label`` and ``confidence``
+  (8-bit levels ``round(255 * p)``, null without stored confidence) as ``datasets.Image``
+  features, and ``image_id``, plus ``DIR/id2label.json``:
   ``datasets.load_dataset(DIR)`` loads it.
 
 Both write ``DIR/export.json``: counts, the error rows and skipped rows with their reasons,
@@ -228,12 +229,13 @@ def export_png(labels_uri: str, out_uri: str, options: ExportOptions) -> ExportS
 def _hf_schema(provenance: Mapping) -> pa.Schema:
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     features = {"image": {"_type": "Image"}, "label": {"_type": "Image"},
+                "confidence": {"_type": "Image"},
                 "image_id": {"dtype": "string", "_type": "Value"}}
     meta = {"huggingface": json.dumps({"info": {"features": features}}),
             "cass.provenance": json.dumps({k: v for k, v in provenance.items()
                                            if k != "categories"}, default=str)}
-    return pa.schema([("image", image), ("label", image), ("image_id", pa.string())],
-                     metadata=meta)
+    return pa.schema([("image", image), ("label", image), ("confidence", image),
+                      ("image_id", pa.string())], metadata=meta)
 
 
 def hf_image_bytes(item: SourceItem) -> tuple[bytes, str]:
@@ -301,5 +303,9 @@ def _hf_record(item: SourceItem, options: ExportOptions, summary: ExportSummary)
     base = posixpath.basename(str(row["key"])) or "image"
     _account(summary, row, values)
     summary.written += 1
+    confidence = row.get("confidence")
     return {"image": {"bytes": image, "path": f"{base}.{fmt}"},
-            "label": {"bytes": label, "path": f"{base}.png"}, "image_id": row["image_id"]}
+            "label": {"bytes": label, "path": f"{base}.png"},
+            "confidence": (None if confidence is None
+                           else {"bytes": confidence, "path": f"{base}.confidence.png"}),
+            "image_id": row["image_id"]}

@@ -78,7 +78,7 @@ def labelled(tmp_path_factory) -> Path:
     return label(tmp_path_factory.mktemp("labelled"))
 
 
-def export(labels: Path, fmt: str, out: Path, *extra: str) -> int:
+def export(labels: Path | str, fmt: str, out: Path | str, *extra: str) -> int:
     return export_job.main(["--labels", str(labels), "--format", fmt, "--out", str(out),
                             "--no-progress", *extra])
 
@@ -166,6 +166,8 @@ def test_hf_export_loads_with_datasets_and_matches_the_png_export(labelled, tmp_
         key = row["image_id"].split("/", 1)[1]
         png = np.asarray(Image.open(tmp_path / "png" / f"{key}.png"))
         np.testing.assert_array_equal(np.asarray(row["label"]), png)
+        np.testing.assert_array_equal(np.asarray(row["confidence"]),
+                                      quantize(expected[key][2]))
         rgb = np.asarray(row["image"].convert("RGB"))
         if key == "sub/img1":  # the JPEG's own bytes are kept
             assert rgb.shape == expected[key][0].shape
@@ -238,3 +240,21 @@ def test_label_job_stores_confidence_only_when_asked(tmp_path):
     assert job_from_args(build_parser().parse_args(base)).io.confidence is False
     job = job_from_args(build_parser().parse_args([*base, "--confidence"]))
     assert job.io.confidence is True and job.io.public_dict()["confidence"] is True
+
+
+def test_exports_and_reader_work_on_object_storage(labelled, tmp_path):
+    import fsspec
+
+    from pipeline.dataset import LabelDataset
+
+    mem = fsspec.filesystem("memory")
+    for path in labelled.rglob("*"):
+        if path.is_file():
+            mem.pipe(f"/i10-labels/{path.relative_to(labelled)}", path.read_bytes())
+    assert export("memory://i10-labels", "png", "memory://i10-png") == 0
+    for key, (_, labels, _) in expected_maps().items():
+        with mem.open(f"/i10-png/{key}.png", "rb") as f:
+            np.testing.assert_array_equal(np.asarray(Image.open(f)), labels)
+    assert export("memory://i10-labels", "hf", "memory://i10-hf") == 0
+    assert len(mem.glob("/i10-hf/data/*.parquet")) == 2
+    assert len(list(LabelDataset("memory://i10-labels"))) == len(expected_maps())
