@@ -258,3 +258,15 @@ def test_exports_and_reader_work_on_object_storage(labelled, tmp_path):
     assert export("memory://i10-labels", "hf", "memory://i10-hf") == 0
     assert len(mem.glob("/i10-hf/data/*.parquet")) == 2
     assert len(list(LabelDataset("memory://i10-labels"))) == len(expected_maps())
+
+
+def test_rows_whose_source_is_gone_are_listed_not_dropped(tmp_path):
+    labels = label(tmp_path / "gone")
+    (tmp_path / "gone" / "in" / "b.tar").unlink()
+    out = tmp_path / "hf"
+    assert export(labels, "hf", out) == 0
+    summary = json.loads((out / "export.json").read_text())
+    assert summary["written"] == 3 and summary["error_rows"] == 1
+    skipped = dict(summary["skipped_list"])
+    assert sorted(skipped) == ["b/img2", "b/img3", "b/img4"]
+    assert all("source unreadable" in reason for reason in skipped.values())
