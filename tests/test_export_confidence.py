@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -51,7 +52,9 @@ def test_finalize_confidence_is_the_label_probability_and_banded_equals_full(mon
 
 @pytest.fixture(scope="module")
 def segmenter():
-    seg = build_segmenter(CassConfig.from_preset("voc21"), random_weights=0)
+    # whole-image preset at a reduced size: the decision code is the same at any size
+    config = dataclasses.replace(CassConfig.from_preset("voc21"), short_side=160)
+    seg = build_segmenter(config, random_weights=0)
     seg.set_vocabulary(parse_vocabulary("cup, mug\ntable\nbackground\n"), use_cache=False)
     return seg
 
