@@ -53,14 +53,14 @@ class LabelDataset:
     Args:
         labels_uri: the output (``labels/`` + ``run.json``), any fsspec URI.
         ignore_below: confidence threshold below which pixels become 255.
-        thresholds: a ``thresholds.json`` document (per-class thresholds) instead.
+        thresholds: per-class thresholds instead: a ``thresholds.json`` document or its URI.
         rank, world_size: this process's rank (default ``$RANK``/``$WORLD_SIZE`` or 0/1).
         storage_options: fsspec options for labels and sources.
         with_ids: yield ``(image, label, confidence, image_id)`` instead.
     """
 
     def __init__(self, labels_uri: str, *, ignore_below: float | None = None,
-                 thresholds: Mapping | None = None, rank: int | None = None,
+                 thresholds: Mapping | str | None = None, rank: int | None = None,
                  world_size: int | None = None, storage_options: Mapping | None = None,
                  with_ids: bool = False) -> None:
         self.labels_uri = labels_uri
@@ -78,6 +78,8 @@ class LabelDataset:
         else:
             self.class_names = []
         self.id2label = dict(enumerate(self.class_names))
+        if isinstance(thresholds, str):
+            thresholds = _read_json(thresholds, self.storage_options)
         self.class_levels = resolve_levels(self.class_names, ignore_below, thresholds)
         try:
             io = read_run_record(labels_uri, self.storage_options).get("io") or {}
@@ -92,6 +94,7 @@ class LabelDataset:
         return self.rank * workers + worker, self.world_size * workers
 
     def __iter__(self) -> Iterator[Sample] | Iterator[tuple]:
+        self.skipped = []
         index, count = self.consumer()
         by_file = len(self.files) >= count
         join = SourceJoin(self._io, self.storage_options)
@@ -133,3 +136,11 @@ class LabelDataset:
         sample = (item.rgb, label, confidence)
         return (*sample, row["image_id"]) if self.with_ids else sample
 
+
+def _read_json(uri: str, storage_options: Mapping) -> dict:
+    import json
+
+    from .storage import filesystem, read_bytes
+
+    fs, path = filesystem(uri, storage_options)
+    return json.loads(read_bytes(fs, path).decode("utf-8"))

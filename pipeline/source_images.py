@@ -86,14 +86,15 @@ class SourceJoin:
     Args:
         io: the run record's ``io`` block (``image_column``, ``id_column``).
         storage_options: fsspec options for the labels and the source images.
-        max_pixels: decompression-bomb limit when decoding.
+        max_pixels: decompression-bomb limit when decoding (default: the run's
+            ``max_image_pixels``, else :data:`DEFAULT_MAX_PIXELS`).
     """
 
     def __init__(self, io: Mapping | None = None, storage_options: Mapping | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int | None = None) -> None:
         self.io = dict(io or {})
         self.storage_options = dict(storage_options or {})
-        self.max_pixels = max_pixels
+        self.max_pixels = max_pixels or self.io.get("max_image_pixels") or DEFAULT_MAX_PIXELS
         self._cursor: _ShardCursor | None = None
 
     def items(self, fs: Any, path: str, columns: Sequence[str] | None = None,

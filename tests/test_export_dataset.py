@@ -51,6 +51,7 @@ def test_samples_are_image_label_confidence(labelled):
         seen += 1
     assert seen == len(expected)
     assert ds.skipped == [("a/corrupt", ds.skipped[0][1])]
+    assert len(list(ds)) == len(expected) and len(ds.skipped) == 1  # per epoch
     assert ds.id2label[4] == "building"
 
 
@@ -140,3 +141,15 @@ def test_the_reader_imports_neither_torch_nor_ray():
                           timeout=60, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_thresholds_file_uri(labelled, tmp_path):
+    import json
+
+    doc = {"global": {"threshold": 0.8, "reached": True}, "classes": {}}
+    (tmp_path / "t.json").write_text(json.dumps(doc))
+    by_file = list(LabelDataset(str(labelled), thresholds=str(tmp_path / "t.json")))
+    by_value = list(LabelDataset(str(labelled), ignore_below=0.8))
+    assert len(by_file) == len(by_value) > 0
+    for (_, a, _), (_, b, _) in zip(by_file, by_value, strict=True):
+        np.testing.assert_array_equal(a, b)
