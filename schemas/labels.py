@@ -226,6 +226,8 @@ def _validate_ok(row: Mapping, num_categories: int | None) -> None:
     _require(row.get("error") is None, "an ok row has error = None")
     presence = row.get("presence")
     _require(presence is not None, "an ok row needs presence scores")
+    _require(row.get("confidence") is None or isinstance(row["confidence"], bytes),
+             "confidence must be PNG bytes or None")
     if num_categories is not None:
         _require(len(presence) == num_categories,
                  f"presence has {len(presence)} values, expected {num_categories}")
