@@ -1,6 +1,6 @@
 """Measure encodings of the per-pixel confidence map: bytes per image and reconstruction error.
 
-    python bench/confidence_encoding.py [--preset voc21] [--scales 1 2 4 8]
+    python bench/confidence_encoding.py [--preset voc21] [--scales 1 2 4 8] [--contrast 1 10 30]
 
 Runs the engine (the test fixtures' seeded random backbones: same architecture and decision
 as real weights; the confidence is the probability of each pixel's label) on real
@@ -8,7 +8,9 @@ photographs from ``skimage.data`` and, for each storage scale (1 = full size, s 
 side, bilinear upsampling), prints the mean bytes per image of the confidence PNG, of the
 masks (RLE counts) and of a label row in Parquet with and without the column, and the
 reconstruction error against the engine's float confidence (max and 99th percentile over
-all pixels). Its last line names the cheapest encoding within the quantisation error.
+all pixels). Random weights give nearly flat probabilities; ``--contrast`` multiplies the
+engine's logits before the softmax (same spatial structure, trained-like confidence). For
+each contrast the last line names the cheapest encoding within the quantisation error.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Every output Parquet file (``OUTPUT/labels/<shard_id>.parquet``) has exactly this schema. Its
 file metadata carries, as JSON under ``b"cass.run"``, the categories, the vocabulary hash and
 run information (engine config, model identities), so one file is self-describing.
+
+Versions: 1.1 adds the nullable ``confidence`` column (:mod:`schemas.confidence`); readers
+accept 1.0 files, whose rows read back with ``confidence`` None.
 """
 
 from __future__ import annotations
