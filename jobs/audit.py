@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"audit: error: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     _print_summary(outcome.metrics, outcome.files)
+    for uri in outcome.files:
+        if uri.endswith("/thresholds.json"):
+            print(f"calibrated thresholds (precision {args.calibrate_precision}): {uri}")
     if outcome.metrics["num_images"] == 0:
         print("audit: warning: no labels row matched a ground-truth image; check the ids and "
               "file names (see unmatched.tsv, --image-suffix, --mask-suffix)", file=sys.stderr)

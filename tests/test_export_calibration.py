@@ -72,13 +72,14 @@ def brute_force(items, k: int | None, target: float) -> tuple[float | None, floa
     return None, None
 
 
-def test_thresholds_json_matches_brute_force(tmp_path):
+def test_thresholds_json_matches_brute_force(tmp_path, capsys):
     items = scene()
     labels, gt_dir = write_scene(tmp_path, items)
     code = audit_job.main(["--labels", str(labels), "--ground-truth", str(gt_dir),
                            "--report", str(tmp_path / "rep"), "--no-progress",
                            "--calibrate-precision", str(TARGET)])
     assert code == 0
+    assert "calibrated thresholds (precision 0.8)" in capsys.readouterr().out
     doc = json.loads((tmp_path / "rep" / "thresholds.json").read_text())
     assert doc["target_precision"] == TARGET and doc["levels"] == 256
     for k, (name,) in enumerate(VOCAB):
