@@ -270,3 +270,20 @@ def test_rows_whose_source_is_gone_are_listed_not_dropped(tmp_path):
     skipped = dict(summary["skipped_list"])
     assert sorted(skipped) == ["b/img2", "b/img3", "b/img4"]
     assert all("source unreadable" in reason for reason in skipped.values())
+
+
+def test_a_key_two_rows_share_is_written_once_and_the_other_listed(tmp_path):
+    from pipeline.audit.fixtures import ok_row, write_labels_output
+
+    write_labels_output(str(tmp_path / "labels"), {
+        "s0": [ok_row("x", np.zeros((4, 5), int), 2, shard_id="s0")],
+        "s1": [ok_row("x", np.ones((4, 5), int), 2, shard_id="s1"),
+               ok_row("../evil", np.ones((4, 5), int), 2, shard_id="s1")]}, [["a"], ["b"]])
+    assert export(tmp_path / "labels", "png", tmp_path / "png") == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "png" / "x.png")), 0)
+    summary = json.loads((tmp_path / "png" / "export.json").read_text())
+    assert summary["written"] == 1
+    reasons = dict(summary["skipped_list"])
+    assert "two rows have the key" in reasons["s1/x"]
+    assert "unsafe key" in reasons["s1/../evil"]
+    assert not (tmp_path / "evil.png").exists()
