@@ -28,7 +28,7 @@ test: lint
 	$(PY) -m pytest -q -ra
 
 demo: $(STAMP)
-	$(PY) jobs/label.py --vocab samples/vocab.txt --input samples/images --output out/demo --random-weights 0 --actors 1
+	$(PY) jobs/label.py --vocab samples/vocab.txt --input samples/images --output out/demo --random-weights 0 --actors 1 --confidence
 
 bench: $(STAMP)
 	$(PY) bench/engine_bench.py --preset coco_stuff --random-weights 0

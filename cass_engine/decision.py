@@ -133,6 +133,7 @@ class Decision:
     mask_scores: torch.Tensor
     logits: torch.Tensor | None
     probs: torch.Tensor | None
+    confidence: torch.Tensor | None = None
 
 
 def finalize(logits_small: torch.Tensor, out_hw: tuple[int, int], ranges: list[tuple[int, int]],
@@ -143,6 +144,10 @@ def finalize(logits_small: torch.Tensor, out_hw: tuple[int, int], ranges: list[t
         logits_small: ``[Q, h, w]`` stitched logits at the resized-image size.
         out_hw: input image size (H, W).
         keep_full: also return ``logits [Q, H, W]`` and ``probs [C, H, W]``.
+
+    The per-pixel ``confidence`` ``[H, W]`` float32 (the probability of the class in
+    ``labels``: the winning class probability, or class 0's probability where ``prob_thd``
+    sent the pixel to class 0) is always returned; it is decided band by band like the labels.
     """
     q, h, w = logits_small.shape
     height, width = out_hw
@@ -155,6 +160,7 @@ def finalize(logits_small: torch.Tensor, out_hw: tuple[int, int], ranges: list[t
     by_row = logits_small.permute(1, 0, 2)  # [h, Q, w]
     band = height if keep_full else max(1, BAND_ELEMENTS // max(1, q * width))
     labels = torch.empty(out_hw, dtype=torch.long, device=device)
+    confidence = torch.empty(out_hw, dtype=torch.float32, device=device)
     score_sum = torch.zeros(len(ranges), dtype=torch.float64, device=device)
     full_logits, full_probs = [], []
     for y0 in range(0, height, band):
@@ -167,6 +173,7 @@ def finalize(logits_small: torch.Tensor, out_hw: tuple[int, int], ranges: list[t
         best[best_prob < prob_thd] = 0
         labels[y0:y0 + band] = best
         chosen = probs.gather(0, best[None])[0]
+        confidence[y0:y0 + band] = chosen
         score_sum.index_add_(0, best.flatten(), chosen.flatten().double())
         if keep_full:
             full_logits.append(part)
@@ -175,4 +182,4 @@ def finalize(logits_small: torch.Tensor, out_hw: tuple[int, int], ranges: list[t
     scores = torch.where(counts > 0, score_sum / counts.clamp_min(1), torch.zeros_like(counts))
     return Decision(labels, (counts / labels.numel()).float(), scores.float(),
                     torch.cat(full_logits, 1) if keep_full else None,
-                    torch.cat(full_probs, 1) if keep_full else None)
+                    torch.cat(full_probs, 1) if keep_full else None, confidence)

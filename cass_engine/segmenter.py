@@ -56,6 +56,9 @@ class SegmentationResult:
             class (0 where the class is absent).
         logits: ``[Q, H, W]`` float32 query logits before the ``logit_scale`` factor, or None.
         probs: ``[C, H, W]`` float32 class probabilities, or None.
+        confidence: ``[H, W]`` float32 probability of each pixel's label (the winning class
+            probability; class 0's where ``prob_thd`` chose class 0), always computed (band
+            by band, without the full ``probs``).
     """
 
     labels: torch.Tensor
@@ -65,6 +68,7 @@ class SegmentationResult:
     mask_scores: torch.Tensor
     logits: torch.Tensor | None = None
     probs: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None
 
 
 @dataclass
@@ -257,7 +261,8 @@ class CassSegmenter:
             labels=decision.labels.cpu(), presence=presence.cpu(), prior=prior.cpu(),
             pixel_fraction=decision.pixel_fraction.cpu(), mask_scores=decision.mask_scores.cpu(),
             logits=decision.logits.cpu() if keep_logits else None,
-            probs=decision.probs.cpu() if keep_probs else None)
+            probs=decision.probs.cpu() if keep_probs else None,
+            confidence=decision.confidence.cpu())
 
 
 def build_segmenter(config: CassConfig, *, clip_weights: str | None = None,

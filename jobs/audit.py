@@ -3,7 +3,7 @@
 Usage::
 
     python jobs/audit.py --labels OUTPUT --ground-truth URI [--gt-format coco|masks|parquet]
-        [--category-map FILE] --report DIR [--fail-under MIOU]
+        [--category-map FILE] --report DIR [--fail-under MIOU] [--calibrate-precision P]
     python jobs/audit.py --labels OUTPUT --gt-format labelstudio --ground-truth EXPORT.json ...
     python jobs/audit.py --labels OUTPUT --label-studio-url URL --project NAME_OR_ID ...
 
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(token from $LABEL_STUDIO_API_KEY); implies --gt-format labelstudio")
     p.add_argument("--project", default=None, metavar="NAME_OR_ID",
                    help="Label Studio project title or id (with --label-studio-url)")
+    p.add_argument("--calibrate-precision", type=float, default=None, metavar="P",
+                   help="also write thresholds.json: per class the lowest confidence "
+                   "threshold whose pixel precision reaches P (0..1; needs confidence)")
     return p
 
 
@@ -101,6 +104,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         image_suffix=args.image_suffix,
         coco_unlabeled=args.coco_unlabeled, worst_k=args.worst_k, coco_ap=args.coco_ap,
         fail_under=args.fail_under, storage_options=options, progress=not args.no_progress,
+        calibrate_precision=args.calibrate_precision,
     )
     return AuditConfig(**{**fields, **_label_studio_args(args)})
 
@@ -131,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"audit: error: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     _print_summary(outcome.metrics, outcome.files)
+    for uri in outcome.files:
+        if uri.endswith("/thresholds.json"):
+            print(f"calibrated thresholds (precision {args.calibrate_precision}): {uri}")
     if outcome.metrics["num_images"] == 0:
         print("audit: warning: no labels row matched a ground-truth image; check the ids and "
               "file names (see unmatched.tsv, --image-suffix, --mask-suffix)", file=sys.stderr)

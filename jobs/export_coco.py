@@ -1,6 +1,7 @@
 """Export a labeling output to one COCO JSON file (instances with RLE masks, iscrowd 0).
 
     python jobs/export_coco.py --labels OUTPUT --out labels.json
+    (the same as: python jobs/export.py --labels OUTPUT --format coco --out DIR)
 
 Only ``ok`` rows of completed shards become COCO images; error rows are counted and skipped.
 Rows are streamed shard by shard, so memory stays bounded on large outputs.
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from pipeline.config import storage_options_argument
 from pipeline.storage import is_local
 from schemas import write_coco_json
-from schemas.io import iter_label_rows, read_run_record, record_categories
+from schemas.io import iter_label_rows, output_provenance
 
 COCO_COLUMNS = ("image_id", "source_uri", "key", "width", "height", "status", "annotations")
 
@@ -35,11 +36,9 @@ def export(labels_uri: str, out_uri: str, storage_options: dict | None = None) -
     """Write the COCO JSON; returns counts of images and annotations."""
     import fsspec
 
-    record = read_run_record(labels_uri, storage_options)
-    categories = record_categories(record)
-    info = {"description": "CASS pseudo-labels", "fingerprint": record.get("fingerprint"),
-            "vocabulary_hash": record.get("vocabulary_hash"),
-            "preset": record.get("preset"), "schema_version": record.get("schema_version")}
+    provenance = output_provenance(labels_uri, storage_options)
+    categories = provenance.pop("categories")
+    info = {"description": "CASS pseudo-labels", **provenance}
     rows = iter_label_rows(labels_uri, storage_options, columns=COCO_COLUMNS)
     fs, path = fsspec.core.url_to_fs(out_uri, **(storage_options or {}))
     partial = f"{path}.partial"  # the file appears whole or not at all

@@ -93,6 +93,9 @@ def _io_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--output-is-shared", action="store_true", default=None,
                        help="a local --output path is the same shared file system on every "
                        "node of a multi-node cluster (default: refuse a local output there)")
+    group.add_argument("--confidence", action="store_true", default=None,
+                       help="store each image's per-pixel confidence (8-bit PNG per row, "
+                       "for --ignore-below/--thresholds exports; default: off)")
 
 
 def _engine_arguments(group: argparse._ArgumentGroup) -> None:
@@ -162,7 +165,7 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
         input_format=args.format, images_per_shard=args.images_per_shard,
         image_column=args.image_column, id_column=args.id_column,
         storage_options=args.storage_options, max_image_pixels=args.max_image_pixels,
-        limit=args.limit, overwrite=args.overwrite))
+        limit=args.limit, overwrite=args.overwrite, confidence=args.confidence))
     compute = ComputeConfig(**_given(
         actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,

@@ -73,6 +73,8 @@ class IOConfig:
         max_image_pixels: images with more pixels are error rows (``too_large``).
         limit: label at most this many images (smoke runs); None = all.
         overwrite: allow a different vocabulary/config to replace an existing output.
+        confidence: store each image's per-pixel confidence map in the rows (schema 1.1
+            ``confidence`` column; off by default: it costs several times the masks).
     """
 
     input_uri: str
@@ -85,6 +87,7 @@ class IOConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     limit: int | None = None
     overwrite: bool = False
+    confidence: bool = False
 
     def __post_init__(self) -> None:
         _check(bool(self.input_uri), "input_uri is required")
@@ -106,7 +109,7 @@ class IOConfig:
             "image_column": self.image_column, "id_column": self.id_column,
             "storage_options": redact(self.storage_options),
             "max_image_pixels": self.max_image_pixels, "limit": self.limit,
-            "overwrite": self.overwrite,
+            "overwrite": self.overwrite, "confidence": self.confidence,
         }
 
 

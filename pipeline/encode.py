@@ -7,13 +7,14 @@ from typing import Any
 import numpy as np
 
 from schemas import error_row, label_map_to_annotations, make_row
+from schemas.confidence import encode_confidence
 
 from .decode import DecodedImage
 from .readers import RawImage
 
 
 def result_to_row(shard_id: str, item: RawImage, decoded: DecodedImage, result: Any,
-                  num_classes: int) -> dict:
+                  num_classes: int, confidence: bool = False) -> dict:
     """An ``ok`` row from one engine result.
 
     Args:
@@ -23,6 +24,7 @@ def result_to_row(shard_id: str, item: RawImage, decoded: DecodedImage, result: 
         result: engine output with ``labels`` ``[H, W]`` int64, ``mask_scores`` ``[C]`` and
             ``presence`` ``[C]`` float32 (torch tensors or arrays).
         num_classes: C.
+        confidence: store ``result.confidence`` ``[H, W]`` (see :mod:`schemas.confidence`).
 
     Raises:
         ValueError: the result does not match the image or the vocabulary.
@@ -35,7 +37,19 @@ def result_to_row(shard_id: str, item: RawImage, decoded: DecodedImage, result: 
     annotations = label_map_to_annotations(labels, scores)
     return make_row(shard_id=shard_id, source_uri=item.source_uri, key=item.key,
                     width=decoded.width, height=decoded.height, annotations=annotations,
-                    presence=presence.tolist(), num_categories=num_classes)
+                    presence=presence.tolist(), num_categories=num_classes,
+                    confidence=_confidence(result, labels.shape) if confidence else None)
+
+
+def _confidence(result: Any, shape: tuple[int, ...]) -> bytes:
+    """The encoded confidence map of a result (``ValueError`` when it has none)."""
+    value = getattr(result, "confidence", None)
+    if value is None:
+        raise ValueError("the engine returned no confidence map (--confidence)")
+    value = _numpy(value)
+    if value.shape != shape:
+        raise ValueError(f"confidence map {value.shape} != label map {shape}")
+    return encode_confidence(value)
 
 
 def failure_row(shard_id: str, item: RawImage, decoded: DecodedImage | None,

@@ -21,7 +21,13 @@ from typing import Any
 
 from schemas import SCHEMA_VERSION, Category
 from schemas.completion import CertifiedShard
-from schemas.io import DONE_DIR, LABELS_DIR, run_record_path
+from schemas.io import (
+    CATEGORIES_FILE,
+    DONE_DIR,
+    LABELS_DIR,
+    categories_document,
+    run_record_path,
+)
 
 from .config import IOConfig, public_uri
 from .shards import IMAGE_EXTENSIONS, PARQUET_EXTENSIONS, TAR_EXTENSIONS, ShardSpec
@@ -101,6 +107,10 @@ def read_existing_record(fs: Any, root: str) -> dict | None:
 
 def write_record(fs: Any, root: str, record: Mapping) -> None:
     put_bytes(fs, run_record_path(root), json.dumps(record, indent=2, sort_keys=True).encode())
+    # issue 10: category names next to the labels (OUTPUT/categories.json)
+    if record.get("categories"):
+        put_bytes(fs, f"{root}/{CATEGORIES_FILE}",
+                  json.dumps(categories_document(record), indent=2, sort_keys=True).encode())
 
 
 def check_compatible(existing: Mapping | None, identity: Mapping, fingerprint: str,

@@ -54,6 +54,14 @@ def stub_labels(image: np.ndarray, num_classes: int) -> np.ndarray:
     return (gray.astype(np.int64) * num_classes) // 256
 
 
+def stub_confidence(image: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[H, W]`` float32 stub confidence: 0.5 at the low edge of a pixel's class bin of mean
+    RGB, rising to 1 at its high edge (a deterministic function of the pixels, for tests)."""
+    gray = image.astype(np.int64).sum(-1) // 3
+    within = (gray * num_classes) % 256
+    return (0.5 + 0.5 * within / 255.0).astype(np.float32)
+
+
 @dataclass
 class StubTextEmbeddings:
     """Picklable stand-in for the engine's TextEmbeddings."""
@@ -73,6 +81,7 @@ class StubResult:
     prior: Any = None
     logits: Any = None
     probs: Any = None
+    confidence: Any = None
 
 
 class StubSegmenter:
@@ -140,6 +149,7 @@ def _stub_result(image: np.ndarray, num_classes: int) -> StubResult:
         mask_scores=torch.from_numpy(scores.astype(np.float32)),
         presence=torch.from_numpy(presence.astype(np.float32)),
         pixel_fraction=torch.from_numpy(fraction),
+        confidence=torch.from_numpy(stub_confidence(image, num_classes)),
     )
 
 

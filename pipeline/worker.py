@@ -225,7 +225,8 @@ class LabelWorker:
                 continue
             result = next(results)
             dec.rgb = None
-            futures.append(self._pool.submit(_encode, shard_id, item, dec, result, num_classes))
+            futures.append(self._pool.submit(_encode, shard_id, item, dec, result, num_classes,
+                                             self.spec.io.confidence))
         return futures
 
     def _segment(self, images: list) -> list:
@@ -249,12 +250,12 @@ class LabelWorker:
 
 
 def _encode(shard_id: str, item: RawImage, dec: DecodedImage, result: Any,
-            num_classes: int) -> dict:
+            num_classes: int, confidence: bool = False) -> dict:
     if isinstance(result, Exception):
         return failure_row(shard_id, item, dec, "engine_error",
                            f"{type(result).__name__}: {result}")
     try:
-        return result_to_row(shard_id, item, dec, result, num_classes)
+        return result_to_row(shard_id, item, dec, result, num_classes, confidence)
     except ValueError as exc:
         return failure_row(shard_id, item, dec, "engine_error", str(exc))
 

@@ -1,7 +1,7 @@
 """The output contract as code: label table schema, mask/RLE helpers, COCO export, readers.
 
-Pure pyarrow / numpy / pycocotools (fsspec only inside :mod:`schemas.io` functions); never
-imports torch or ray.
+Pure pyarrow / numpy / pycocotools (fsspec only inside :mod:`schemas.io` functions, Pillow in
+:mod:`schemas.confidence`); never imports torch or ray.
 """
 
 from .coco import coco_dict, write_coco_json

@@ -3,6 +3,8 @@
 Output layout (``OUTPUT`` is any fsspec URI: local path, ``s3://bucket/prefix``, ``memory://``)::
 
     OUTPUT/run.json                                 run record (config, categories, totals)
+    OUTPUT/categories.json                          category names (index, id, name,
+                                                    synonyms), id2label
     OUTPUT/_lease.json                              held by the run writing the output
     OUTPUT/labels/<shard_id>.<run_id>-<n>.parquet   label tables (one per shard attempt)
     OUTPUT/_done/<shard_id>.json                    completion record: names the one table
@@ -26,6 +28,7 @@ from .labels import Category, parse_run_metadata
 LABELS_DIR = "labels"
 DONE_DIR = "_done"
 RUN_RECORD = "run.json"
+CATEGORIES_FILE = "categories.json"
 LABELS_SUFFIX = ".parquet"
 DONE_SUFFIX = ".json"
 
@@ -126,14 +129,85 @@ def iter_label_rows(
     """Stream rows (dicts) of every label table, shard by shard, batch by batch.
 
     Memory is bounded by one record batch of ``batch_size`` rows (plus Parquet read buffers).
+    Columns a file lacks (``confidence`` in schema 1.0 files) are ``None``.
     """
     fs, _ = open_output(output_uri, storage_options)
     for path in list_label_files(output_uri, storage_options, completed_only):
-        with fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            cols = list(columns) if columns else None
-            for batch in parquet.iter_batches(batch_size=batch_size, columns=cols):
-                yield from batch.to_pylist()
+        yield from iter_file_rows(fs, path, columns, batch_size)
+
+
+def iter_file_rows(fs: Any, path: str, columns: Sequence[str] | None = None,
+                   batch_size: int = 256) -> Iterator[dict]:
+    """Stream the rows of one label file; requested columns it lacks are ``None``."""
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        present = set(parquet.schema_arrow.names)
+        cols = [c for c in columns if c in present] if columns else None
+        missing = [c for c in columns if c not in present] if columns else []
+        for batch in parquet.iter_batches(batch_size=batch_size, columns=cols):
+            for row in batch.to_pylist():
+                row.update(dict.fromkeys(missing))
+                yield row
+
+
+def categories_document(record: Mapping) -> dict:
+    """The ``categories.json`` content for a run record (or parsed file metadata).
+
+    ``categories``: ``{"index", "id", "name", "synonyms"}`` in vocabulary order (``index`` is
+    the value in label maps, ``id = index + 1`` the COCO category id); ``id2label`` maps the
+    index (as a string, the Hugging Face convention) to the name.
+    """
+    cats = record_categories(record)
+    return {
+        "schema_version": record.get("schema_version"),
+        "vocabulary_hash": record.get("vocabulary_hash"),
+        "random_weights": random_weights_of(record),
+        "categories": [{"index": c.id - 1, **c.to_dict()} for c in cats],
+        "id2label": {str(c.id - 1): c.name for c in cats},
+    }
+
+
+def random_weights_of(record: Mapping) -> int | None:
+    """The random-weights seed a run record (or file metadata ``run``) says was used."""
+    for holder in (record.get("identity"), record.get("engine"), record.get("run"),
+                   (record.get("run") or {}).get("engine")):
+        if isinstance(holder, Mapping) and holder.get("random_weights") is not None:
+            return holder["random_weights"]
+    return None
+
+
+def output_provenance(output_uri: str, storage_options: Mapping | None = None) -> dict:
+    """What derived files record about their source output.
+
+    Returns:
+        ``{"labels", "fingerprint", "preset", "vocabulary_hash", "schema_version",
+        "random_weights", "categories": [Category]}`` from ``run.json``, else from the
+        first label file's metadata.
+
+    Raises:
+        FileNotFoundError: neither a run record nor a label file.
+    """
+    try:
+        record = read_run_record(output_uri, storage_options)
+    except FileNotFoundError:
+        files = list_label_files(output_uri, storage_options)
+        if not files:
+            raise
+        fs, _ = open_output(output_uri, storage_options)
+        with fs.open(files[0], "rb") as f:
+            meta = parse_run_metadata(pq.ParquetFile(f).schema_arrow.metadata)
+        record = {**meta["run"], "categories": [c.to_dict() for c in meta["categories"]],
+                  "vocabulary_hash": meta["vocabulary_hash"],
+                  "schema_version": meta["schema_version"]}
+    random = random_weights_of(record)
+    return {
+        "labels": output_uri, "fingerprint": record.get("fingerprint"),
+        "preset": record.get("preset"), "vocabulary_hash": record.get("vocabulary_hash"),
+        "schema_version": record.get("schema_version"), "random_weights": random,
+        "random_weights_note": (None if random is None else "labels made with seeded random "
+                                "weights: meaningless masks (smoke run)"),
+        "categories": record_categories(record),
+    }
 
 
 def read_run_record(output_uri: str, storage_options: Mapping | None = None) -> dict:

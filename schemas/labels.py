@@ -3,6 +3,9 @@
 Every output Parquet file (``OUTPUT/labels/<shard_id>.<run_id>-<n>.parquet``) has this schema. Its
 file metadata carries, as JSON under ``b"cass.run"``, the categories, the vocabulary hash and
 run information (engine config, model identities), so one file is self-describing.
+
+Versions: 1.1 adds the nullable ``confidence`` column (:mod:`schemas.confidence`); readers
+accept 1.0 files, whose rows read back with ``confidence`` None.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
+#: Versions readers accept: 1.0 files have no ``confidence`` column (read back as null).
+READABLE_VERSIONS = ("1.0", "1.1")
 
 #: Schema-level metadata key holding :data:`SCHEMA_VERSION`.
 VERSION_KEY = b"cass.schema_version"
@@ -116,6 +121,10 @@ def label_schema() -> pa.Schema:
         pa.field("presence", pa.list_(pa.float32()),
                  metadata=_meta(description="object-presence probability per category, "
                                 "in category order", range="[0, 1]")),
+        pa.field("confidence", pa.binary(),
+                 metadata=_meta(description="per-pixel probability of the pixel's label: "
+                                "8-bit PNG of round(255 * p) (see schemas.confidence)",
+                                since="1.1", note="null on error rows and when not stored")),
     ]
     return pa.schema(fields, metadata={VERSION_KEY: SCHEMA_VERSION.encode()})
 
@@ -136,6 +145,7 @@ def make_row(
     presence: Sequence[float],
     num_categories: int | None = None,
     image_id: str | None = None,
+    confidence: bytes | None = None,
 ) -> dict:
     """A validated ``ok`` row.
 
@@ -146,6 +156,7 @@ def make_row(
         presence: ``[C]`` object-presence probabilities in category order.
         num_categories: when given, checks ``len(presence)`` and category ids.
         image_id: default :func:`make_image_id`.
+        confidence: the confidence map as from :func:`schemas.confidence.encode_confidence`.
 
     Raises:
         RowError: the row breaks the schema's conventions.
@@ -156,6 +167,7 @@ def make_row(
         "width": int(width), "height": int(height), "status": STATUS_OK, "error": None,
         "annotations": [dict(a) for a in annotations],
         "presence": [float(p) for p in presence],
+        "confidence": None if confidence is None else bytes(confidence),
     }
     validate_row(row, num_categories)
     return row
@@ -185,6 +197,7 @@ def error_row(
         "width": None if width is None else int(width),
         "height": None if height is None else int(height),
         "status": status, "error": error, "annotations": None, "presence": None,
+        "confidence": None,
     }
     validate_row(row)
     return row
@@ -206,6 +219,7 @@ def validate_row(row: Mapping, num_categories: int | None = None) -> None:
         _require(isinstance(row.get("error"), str) and row["error"] != "",
                  "an error row needs an error message")
         _require(not row.get("annotations"), "an error row has no annotations")
+        _require(row.get("confidence") is None, "an error row has no confidence")
 
 
 def _validate_ok(row: Mapping, num_categories: int | None) -> None:
@@ -215,6 +229,8 @@ def _validate_ok(row: Mapping, num_categories: int | None) -> None:
     _require(row.get("error") is None, "an ok row has error = None")
     presence = row.get("presence")
     _require(presence is not None, "an ok row needs presence scores")
+    _require(row.get("confidence") is None or isinstance(row["confidence"], bytes),
+             "confidence must be PNG bytes or None")
     if num_categories is not None:
         _require(len(presence) == num_categories,
                  f"presence has {len(presence)} values, expected {num_categories}")

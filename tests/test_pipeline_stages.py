@@ -31,7 +31,7 @@ from pipeline.record import OutputConflict, check_compatible
 from pipeline.shards import InputError, ShardSpec, list_shards, safe_shard_id
 from pipeline.stub import StubOptions, stub_labels
 from pipeline.worker import LabelWorker, WorkerSpec
-from schemas import annotations_to_label_map
+from schemas import SCHEMA_VERSION, annotations_to_label_map
 from schemas.completion import certified_labels
 from schemas.io import open_output, read_label_table
 
@@ -246,7 +246,7 @@ def test_worker_labels_a_shard_exactly_and_writes_record_last(tmp_path, vocab_fi
     assert record["num_images"] == len(cases) and record["fingerprint"] == "fingerprint-1"
     done = json.loads((tmp_path / "out" / "_done" / "s.json").read_text())
     assert done["sha256"] == record["sha256"] and done["num_errors"] == 5
-    assert meta["schema_version"] == "1.0"
+    assert meta["schema_version"] == SCHEMA_VERSION
 
 
 def test_engine_failure_on_one_image_becomes_an_error_row(tmp_path, vocab_file):

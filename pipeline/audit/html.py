@@ -43,8 +43,18 @@ def _summary(metrics: Mapping) -> str:
     return (f"<p>Labels: <code>{escape(str(src.get('labels')))}</code><br>Ground truth: "
             f"{escape(str(src.get('ground_truth')))}<br>Images evaluated: "
             f"{metrics['num_images']}, classes evaluated: {metrics['num_classes']}</p>"
+            + _random_weights(src)
             + _table(["metric", "value (%)"], rows)
             + "<h3>Unmatched and failed images</h3>" + _table(["kind", "count"], counts))
+
+
+def _random_weights(sources: Mapping) -> str:
+    """A warning paragraph when the labels were made with random weights (issue 10)."""
+    seed = sources.get("random_weights")
+    if seed is None:
+        return ""
+    return (f"<p><strong>Random weights</strong> (seed {escape(str(seed))}): the labels are "
+            "meaningless (smoke run).</p>")
 
 
 def _classes(metrics: Mapping) -> str:

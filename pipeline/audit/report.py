@@ -128,8 +128,11 @@ def _summary_lines(metrics: Mapping) -> list[str]:
         f"{un.get('predictions', 0)}; failed rows: {un.get('failed_predictions', 0)}; invalid "
         f"rows: {un.get('invalid_predictions', 0)}; duplicates: "
         f"{un.get('duplicate_predictions', 0)}",
-        "", "| metric | value |", "|---|---|",
     ]
+    if metrics["sources"].get("random_weights") is not None:
+        lines.append(f"- **Random weights** (seed {metrics['sources']['random_weights']}): "
+                     "the labels are meaningless (smoke run)")
+    lines += ["", "| metric | value |", "|---|---|"]
     for key in ("mIoU", "aAcc", "mAcc", "presence_mAP"):
         lines.append(f"| {key} | {_fmt(metrics[key])} |")
     for key, value in (metrics.get("coco_segm") or {}).items():

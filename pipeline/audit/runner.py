@@ -7,6 +7,10 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from schemas.confidence import decode_levels
+from schemas.io import output_provenance
+
+from .calibration import CalibrationAccumulator, write_calibration
 from .categories import build_mapping, parse_mapping_text
 from .errors import AuditError
 from .evaluator import EvaluationResult, Evaluator
@@ -58,6 +62,8 @@ class AuditConfig:
             from this server instead of reading ``ground_truth``.
         label_studio_project: project title or id on that server.
         label_studio_token: API token for that server (from the environment).
+        calibrate_precision: also compute per-class confidence thresholds reaching this
+            pixel precision (``thresholds.json``; needs labels with confidence).
     """
 
     labels: str
@@ -78,6 +84,7 @@ class AuditConfig:
     label_studio_url: str | None = None
     label_studio_project: str | None = None
     label_studio_token: str | None = field(default=None, repr=False)
+    calibrate_precision: float | None = None
 
     def __post_init__(self) -> None:
         if self.gt_format is not None and self.gt_format not in GT_FORMATS:
@@ -88,6 +95,8 @@ class AuditConfig:
             raise AuditError("--worst-k must be >= 0")
         if self.fail_under is not None and not 0.0 <= self.fail_under <= 100.0:
             raise AuditError("--fail-under is an mIoU in percent (0..100)")
+        if self.calibrate_precision is not None and not 0.0 < self.calibrate_precision <= 1.0:
+            raise AuditError("--calibrate-precision is a pixel precision in (0, 1]")
 
 
 @dataclass
@@ -150,7 +159,8 @@ def _candidates(row: dict, image_suffix: str | None) -> list[str]:
 
 
 def _evaluate_row(row: dict, labels: LabelsSource, gt: GroundTruth, evaluator: Evaluator,
-                  log: MatchLog, image_suffix: str | None = None) -> str:
+                  log: MatchLog, image_suffix: str | None = None,
+                  calibration: CalibrationAccumulator | None = None) -> str:
     """Evaluate or log one labels row; returns what happened (for the progress line).
 
     A failed row still claims its ground-truth image, which is then reported under
@@ -176,8 +186,13 @@ def _evaluate_row(row: dict, labels: LabelsSource, gt: GroundTruth, evaluator: E
         log.invalid_predictions.append((image_id, str(error)))
         return "invalid"
     ref = ImageRef(image_id, row.get("source_uri"), row.get("key"))
-    evaluator.add(ref, gt.load(key).label_map, pred, row_presence(row),
-                  row_class_scores(row, labels))
+    gt_map = gt.load(key).label_map
+    evaluator.add(ref, gt_map, pred, row_presence(row), row_class_scores(row, labels))
+    if calibration is not None:
+        if row.get("confidence") is None:
+            calibration.without_confidence.append(image_id)
+            return "no confidence"
+        calibration.add(gt_map, pred, decode_levels(row["confidence"], *pred.shape))
     return "ok"
 
 
@@ -209,26 +224,40 @@ def _mapping(config: AuditConfig, labels: LabelsSource, gt: GroundTruth):
     return mapping
 
 
-def evaluate_labels(config: AuditConfig) -> tuple[EvaluationResult, dict, dict, dict]:
-    """Run the evaluation; returns (result, unmatched counts, unmatched lists, sources)."""
+def evaluate_labels(config: AuditConfig, calibration_out: list | None = None
+                    ) -> tuple[EvaluationResult, dict, dict, dict]:
+    """Run the evaluation; returns (result, unmatched counts, unmatched lists, sources).
+
+    With ``config.calibrate_precision``, the filled :class:`CalibrationAccumulator` and the
+    class names are appended to ``calibration_out``.
+    """
     labels = open_labels(config.labels, config.storage_options)
     gt = open_ground_truth(config)
-    evaluator = Evaluator(_mapping(config, labels, gt), config.worst_k, config.coco_ap)
+    mapping = _mapping(config, labels, gt)
+    evaluator = Evaluator(mapping, config.worst_k, config.coco_ap)
+    calibration = None
+    if config.calibrate_precision is not None:
+        calibration = CalibrationAccumulator(mapping.class_to_gt, mapping.num_gt)
+        if calibration_out is not None:
+            calibration_out.append((calibration, [c.name for c in labels.categories]))
     log = MatchLog()
     progress = Progress("audit: rows", None, sys.stderr if config.progress else None)
     for row in iter_rows(labels):
-        outcome = _evaluate_row(row, labels, gt, evaluator, log, config.image_suffix)
+        outcome = _evaluate_row(row, labels, gt, evaluator, log, config.image_suffix,
+                                calibration)
         progress.update(1, **({outcome: 1} if outcome != "ok" else {}))
     progress.close()
     counts, lists = _unmatched(log, gt, labels)
     sources = {"labels": config.labels, "ground_truth": gt.description,
-               "vocabulary_hash": labels.vocabulary_hash}
+               "vocabulary_hash": labels.vocabulary_hash,
+               "random_weights": labels_random_weights(config.labels, config.storage_options)}
     return evaluator.result(), counts, lists, sources
 
 
 def run_audit(config: AuditConfig) -> AuditOutcome:
     """Evaluate, write the report, and decide the exit status against ``fail_under``."""
-    result, counts, lists, sources = evaluate_labels(config)
+    calibrations: list[tuple[CalibrationAccumulator, list[str]]] = []
+    result, counts, lists, sources = evaluate_labels(config, calibrations)
     metrics = build_metrics(result, counts, sources, config.fail_under)
     options = config.storage_options
 
@@ -236,7 +265,19 @@ def run_audit(config: AuditConfig) -> AuditOutcome:
         return load_source_image(ref.source_uri, ref.key, options)
 
     files = write_report(config.report_dir, result, metrics, lists, load_image, options)
+    if calibrations:
+        accumulator, names = calibrations[0]
+        files += write_calibration(config.report_dir, accumulator, names,
+                                   config.calibrate_precision, sources, options)
     return AuditOutcome(metrics, files, below_bar(metrics["mIoU"], config.fail_under))
+
+
+def labels_random_weights(uri: str, storage_options: Mapping | None) -> int | None:
+    """The random-weights seed the labels were made with (None: real weights or unknown)."""
+    try:
+        return output_provenance(uri, storage_options)["random_weights"]
+    except (OSError, ValueError):
+        return None
 
 
 def below_bar(miou_percent: float | None, fail_under: float | None) -> int:
