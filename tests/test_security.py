@@ -1,0 +1,114 @@
+"""Security and clean failures (issue 9): nothing from a file or the network runs code, the
+embedded Ray listens on loopback only, bad input is one line and a documented exit code.
+
+Every test here is small: the stub engine where the engine does not matter, tiny files.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Tuple  # noqa: UP035 - TorchScript needs typing.Tuple
+
+import fsspec
+import pytest
+import torch
+
+from cass_engine.weights import WeightsError, load_clip, load_dino
+
+# ----------------------------------------------------------------------------- weights
+
+MARKER_TEXT = "MARKER-TORCHSCRIPT-CODE-RAN"
+
+
+class _SetStateModule(torch.nn.Module):
+    """A module whose TorchScript ``__setstate__`` prints a marker when the archive loads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[torch.Tensor, bool]:  # noqa: UP006
+        return (self.weight, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[torch.Tensor, bool]) -> None:  # noqa: UP006
+        print("MARKER-TORCHSCRIPT-CODE-RAN")
+        self.weight = state[0]
+        self.training = state[1]
+
+
+class _WritesMarker:
+    """Pickles to ``os.system("touch MARKER")``: runs when a plain unpickler loads it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _setstate_archive(path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript deprecation notes
+        torch.jit.save(torch.jit.script(_SetStateModule()), str(path))
+    return path
+
+
+def _reduce_archive(path: Path, marker: Path) -> Path:
+    """A TorchScript-shaped zip (code/, constants.pkl) whose data.pkl runs a shell command."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("evil/data.pkl", pickle.dumps({"weight": _WritesMarker(marker)}))
+        archive.writestr("evil/constants.pkl", pickle.dumps(()))
+        archive.writestr("evil/code/__torch__.py", "class M(Module):\n  __parameters__ = []\n")
+        archive.writestr("evil/version", "3\n")
+    return path
+
+
+def _reduce_torch_save(path: Path, marker: Path) -> Path:
+    buffer = io.BytesIO()
+    torch.save({"weight": _WritesMarker(marker)}, buffer)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("via", ["path", "memory"])
+@pytest.mark.parametrize("loader", [load_clip, load_dino])
+def test_torchscript_setstate_never_runs(loader, via, tmp_path, capfd):
+    path = _setstate_archive(tmp_path / "ViT-B-16.pt")
+    source = str(path)
+    if via == "memory":
+        source = f"memory://security-test/{tmp_path.name}/ViT-B-16.pt"
+        fsspec.filesystem("memory").pipe(source, path.read_bytes())
+    with pytest.raises(WeightsError) as err:
+        loader(source, cache_dir=str(tmp_path / "cache"))
+    message = str(err.value)
+    assert "TorchScript archive that cannot be read without running its code" in message
+    assert "__setstate__" in message and "Accepted weight files" in message
+    assert "safetensors" in message and "weights_only=True" in message
+    assert MARKER_TEXT not in capfd.readouterr().out  # its code never ran
+
+
+@pytest.mark.parametrize("make", ["torchscript-shaped", "torch.save"])
+@pytest.mark.parametrize("via", ["path", "memory"])
+def test_pickle_reduce_never_runs(make, via, tmp_path):
+    marker = tmp_path / "marker"
+    write = _reduce_archive if make == "torchscript-shaped" else _reduce_torch_save
+    path = write(tmp_path / "weights.pt", marker)
+    source = str(path)
+    if via == "memory":
+        source = f"memory://security-test/{tmp_path.name}/weights.pt"
+        fsspec.filesystem("memory").pipe(source, path.read_bytes())
+    with pytest.raises(WeightsError):
+        load_clip(source, cache_dir=str(tmp_path / "cache"))
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_WritesMarker(marker)))  # the payload does work when run
+    assert marker.exists()
