@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -122,6 +121,8 @@ def _compute_arguments(group: argparse._ArgumentGroup) -> None:
                        help="restart a worker when a shard has finished no image for this "
                        "long, and retry the shard; 0 disables "
                        f"(default: {d('stall_timeout_s'):g})")
+    group.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS; "
+                       "without either, a private local Ray listening on 127.0.0.1 only)")
     group.add_argument("--progress-interval", type=float,
                        help=f"seconds between progress lines "
                        f"(default: {d('progress_interval_s')})")
@@ -168,21 +169,16 @@ def _engine_spec(args: argparse.Namespace, io: IOConfig) -> EngineSpec:
         stub=StubOptions() if args.engine == "stub" else None))
 
 
-def init_ray() -> bool:
-    """Connect to the cluster in RAY_ADDRESS, else start an embedded local Ray.
+def init_ray(address: str | None = None) -> bool:
+    """Join the cluster at ``--address``/``RAY_ADDRESS``, else start a private local Ray
+    bound to 127.0.0.1 (see :mod:`pipeline.cluster`).
 
     Returns:
         True when this call started Ray (and the caller should shut it down).
     """
-    import ray
+    from pipeline.cluster import init_ray as start
 
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="WARNING")
-    else:
-        ray.init(include_dashboard=False, logging_level="WARNING")
-    return True
+    return start(address)
 
 
 class _OneLineFormatter(logging.Formatter):
@@ -223,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = False
     try:
         plan = plan_job(job)
-        started = init_ray()
+        started = init_ray(args.address)
         return execute_plan(plan).exit_code
     except StartupError as exc:
         print(f"label.py: error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Tuple  # noqa: UP035 - TorchScript needs typing.Tuple
 
 import fsspec
+import psutil
 import pytest
 import torch
 
@@ -112,3 +113,81 @@ def test_pickle_reduce_never_runs(make, via, tmp_path):
     assert not marker.exists()
     pickle.loads(pickle.dumps(_WritesMarker(marker)))  # the payload does work when run
     assert marker.exists()
+
+
+# ----------------------------------------------------------------------------- embedded Ray
+
+REPO = Path(__file__).resolve().parents[1]
+_SLOW_STUB_JOB = """
+import dataclasses, sys
+import jobs.label as label
+from pipeline.stub import StubOptions
+spec = label._engine_spec
+label._engine_spec = lambda args, io: dataclasses.replace(
+    spec(args, io), stub=StubOptions(seconds_per_image=0.4))
+sys.exit(label.main(sys.argv[1:]))
+"""
+
+
+def _is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    address = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def _listeners(root: psutil.Process) -> set[tuple[str, str, int]]:
+    """``(process name, ip, port)`` of every listening TCP socket of ``root``'s process tree."""
+    found = set()
+    try:
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return found
+    for proc in tree:
+        try:
+            name = proc.name()
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.add((name, conn.laddr.ip, conn.laddr.port))
+        except psutil.Error:  # exited meanwhile
+            continue
+    return found
+
+
+def test_embedded_ray_listens_on_loopback_only_and_joins_no_stranger(tmp_path):
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rsec", dir="/tmp"))  # short: socket paths
+    # A cluster that `ray start` recorded (someone else's): ray.init() would try to join it.
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-c", _SLOW_STUB_JOB, "--input", str(REPO / "samples/images"),
+               "--output", str(tmp_path / "out"), "--engine", "stub", "--actors", "1",
+               "--cpus-per-actor", "1", "--progress-interval", "1"]
+    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    root, seen = psutil.Process(process.pid), set()
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            seen |= _listeners(root)
+            time.sleep(0.25)
+        output = process.communicate(timeout=60)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        import shutil
+
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert process.returncode == 0, output
+    names = {name for name, _, _ in seen}
+    assert {"gcs_server", "raylet"} <= names, seen  # the run's own Ray was seen running
+    assert any(name.startswith("ray::") for name in names), seen  # and its workers
+    exposed = sorted(s for s in seen if not _is_loopback(s[1]))
+    assert not exposed, f"listening beyond loopback: {exposed}"
