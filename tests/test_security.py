@@ -191,3 +191,62 @@ def test_embedded_ray_listens_on_loopback_only_and_joins_no_stranger(tmp_path):
     assert any(name.startswith("ray::") for name in names), seen  # and its workers
     exposed = sorted(s for s in seen if not _is_loopback(s[1]))
     assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@pytest.fixture
+def fake_ghostscript(tmp_path, monkeypatch) -> Path:
+    """A ``gs`` first on PATH that leaves a marker file when run; returns the marker path."""
+    from PIL import EpsImagePlugin
+
+    bin_dir, marker = tmp_path / "bin", tmp_path / "gs-ran"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # not cached from earlier
+    monkeypatch.setattr(EpsImagePlugin, "gs_windows_binary", None)
+    return marker
+
+
+def _eps_bytes() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 24), (200, 10, 10)).save(buffer, "EPS")
+    return buffer.getvalue()
+
+
+def test_postscript_named_jpg_is_a_decode_error_and_ghostscript_never_runs(
+        tmp_path, fake_ghostscript):
+    from PIL import Image
+
+    from cass_engine.images import ImageInputError, load_image
+    from pipeline.decode import decode_image
+
+    data = _eps_bytes()
+    decoded = decode_image(data, 10**8)
+    assert decoded.status == "decode_error" and decoded.rgb is None
+    assert "EPS" in decoded.error and "JPEG, PNG, WebP, GIF, TIFF, BMP" in decoded.error
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(data)
+    with pytest.raises(ImageInputError, match="EPS"):
+        load_image(path)
+    assert not fake_ghostscript.exists()
+    with pytest.raises(Exception):  # noqa: B017, PT011 - control: Pillow's default open runs gs
+        Image.open(io.BytesIO(data)).load()
+    assert fake_ghostscript.exists()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"])
+def test_accepted_formats_still_decode(fmt):
+    from PIL import Image
+
+    from pipeline.decode import decode_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 18), (10, 200, 30)).save(buffer, fmt)
+    decoded = decode_image(buffer.getvalue(), 10**8)
+    assert decoded.status == "ok" and decoded.rgb.shape == (18, 20, 3)
