@@ -60,10 +60,12 @@ def _io_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--image-column", help="image-bytes column of Parquet shards "
                        f"(default: {d('image_column')})")
     group.add_argument("--id-column", help="key column of Parquet shards (default: row number)")
-    group.add_argument("--storage-options", type=storage_options_argument, metavar="JSON",
-                       help="fsspec filesystem keyword arguments for input and output, e.g. "
-                       '\'{"endpoint_url": "http://127.0.0.1:8333", "key": "...", '
-                       '"secret": "..."}\'; AWS_* environment variables also work '
+    group.add_argument("--storage-options", type=storage_options_argument,
+                       metavar="JSON|@FILE",
+                       help="fsspec filesystem keyword arguments for input, output and weight "
+                       "URLs: @FILE reads them from a JSON file (keeps secrets off the command "
+                       'line), e.g. {"endpoint_url": "http://127.0.0.1:8333", "key": "...", '
+                       '"secret": "..."}; the AWS_* environment variables also work '
                        "(default: {})")
     group.add_argument("--max-image-pixels", type=int,
                        help="images with more pixels become 'too_large' error rows "
@@ -214,10 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"label.py: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     from pipeline.plan import plan_job
+    from pipeline.preflight import preflight
     from pipeline.runner import execute_plan
 
     started = False
     try:
+        preflight(job.io, (job.engine.clip_weights, job.engine.dino_weights))
         plan = plan_job(job)
         started = init_ray(args.address)
         return execute_plan(plan).exit_code

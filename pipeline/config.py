@@ -10,6 +10,7 @@ Three groups, validated on construction:
 from __future__ import annotations
 
 import json
+import os
 from argparse import ArgumentTypeError
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -162,14 +163,26 @@ class ComputeConfig:
 
 
 def storage_options_argument(text: str) -> dict:
-    """argparse type of ``--storage-options``: a JSON object. Errors never echo the value
-    (argparse would, for a ValueError), since it may hold credentials."""
+    """argparse type of ``--storage-options``: a JSON object, or ``@FILE`` naming a file
+    that holds one (so that secrets stay off the command line, ``ps`` and Ray's job table).
+    Errors never echo the value (argparse would, for a ValueError), since it may hold
+    credentials."""
+    source = "JSON"
+    if text.startswith("@"):
+        path = os.path.expanduser(text[1:])
+        source = f"the JSON in {path}"
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise ArgumentTypeError(f"cannot read the storage options file {path}: "
+                                    f"{exc.strerror or type(exc).__name__}") from None
     try:
         value = json.loads(text)
     except ValueError as exc:
         raise ArgumentTypeError(
-            f"not valid JSON ({exc.msg} at character {exc.pos}; the value is not shown "
-            "because it may hold credentials)") from None
+            f"{source} is not valid JSON ({exc.msg} at character {exc.pos}; the value is not "
+            "shown because it may hold credentials)") from None
     if not isinstance(value, dict):
         raise ArgumentTypeError("must be a JSON object, e.g. '{\"key\": \"...\"}'")
     return value

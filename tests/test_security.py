@@ -250,3 +250,112 @@ def test_accepted_formats_still_decode(fmt):
     Image.new("RGB", (20, 18), (10, 200, 30)).save(buffer, fmt)
     decoded = decode_image(buffer.getvalue(), 10**8)
     assert decoded.status == "ok" and decoded.rgb.shape == (18, 20, 3)
+
+
+# ----------------------------------------------------------------------------- preflight
+
+
+def _label(argv: list[str], capsys) -> tuple[int, list[str], float]:
+    """Runs jobs/label.py in this process; returns exit code, stderr lines, seconds."""
+    import time
+
+    from jobs import label
+
+    start = time.monotonic()
+    code = label.main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return code, lines, time.monotonic() - start
+
+
+@pytest.fixture
+def no_aws_credentials(monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def _options_file(tmp_path: Path, options: dict) -> str:
+    import json
+
+    path = tmp_path / "storage.json"
+    path.write_text(json.dumps(options))
+    path.chmod(0o600)
+    return f"@{path}"
+
+
+@pytest.mark.parametrize("case", ["wrong key", "wrong secret", "missing bucket", "no credentials"])
+def test_storage_errors_are_one_line_before_any_worker(case, s3_server, s3_bucket, tmp_path,
+                                                       capsys, no_aws_credentials):
+    options = dict(s3_server.storage_options)
+    bucket, expected = s3_bucket, "rejected the credentials"
+    if case == "wrong key":
+        options["key"] = "not-a-known-key"
+    elif case == "wrong secret":
+        options["secret"] = "not-the-secret"
+    elif case == "missing bucket":
+        bucket, expected = "no-such-bucket-here", "bucket 'no-such-bucket-here'"
+    else:
+        del options["key"], options["secret"]
+        expected = "no credentials"
+    code, lines, seconds = _label([
+        "--input", f"s3://{bucket}/shards/", "--output", str(tmp_path / "out"),
+        "--engine", "stub", "--storage-options", _options_file(tmp_path, options)], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert expected in lines[0] and f"s3://{bucket}/shards/" in lines[0]
+    assert "not-the-secret" not in lines[0] and s3_server.secret not in lines[0]
+    assert seconds < 15
+    import ray
+
+    assert not ray.is_initialized()  # nothing started
+
+
+def test_unreachable_endpoint_fails_in_seconds(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as sock:  # a loopback port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "SECRET-X"}
+    code, lines, seconds = _label([
+        "--input", "s3://bucket/shards/", "--output", "s3://bucket/labels",
+        "--engine", "stub", "--storage-options", _options_file(tmp_path, options)], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert "cannot reach the storage endpoint" in lines[0] and str(port) in lines[0]
+    assert "SECRET-X" not in lines[0]
+    assert seconds < 15
+
+
+def test_storage_options_file_errors_never_show_the_contents(tmp_path, capsys):
+    from jobs import label
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"secret": "SECRET-Y",')
+    for value in (f"@{bad}", f"@{tmp_path / 'missing.json'}"):
+        with pytest.raises(SystemExit) as exit_info:
+            label.build_parser().parse_args(["--input", "a", "--output", "b",
+                                             "--storage-options", value])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "SECRET-Y" not in err and "storage" in err
+
+
+@pytest.mark.parametrize(("inp", "out"), [
+    ("data", "data/labels"), ("data/labels", "data"), ("data/", "data/./x"),
+    ("s3://b/images/", "s3://b/images/run1"), ("s3://b/images/*.tar", "s3://b/images/out"),
+])
+def test_output_inside_input_is_refused(inp, out, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    code, lines, _ = _label(["--input", inp, "--output", out, "--engine", "stub"], capsys)
+    assert code == 2 and len(lines) == 1 and "choose an output outside the input" in lines[0]
+
+
+def test_sibling_output_is_accepted():
+    from pipeline.preflight import check_not_nested
+
+    check_not_nested("s3://b/images", "s3://b/images-labels")
+    check_not_nested("/data/images", "/data/labels")
+    check_not_nested("s3://b/images", "gs://b/images/labels")
