@@ -17,7 +17,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pipeline.config import ComputeConfig, ConfigError, IOConfig, storage_options_argument
+from pipeline.config import (
+    ComputeConfig,
+    ConfigError,
+    IOConfig,
+    public_text,
+    storage_options_argument,
+)
 from pipeline.engine import EngineSpec
 from pipeline.plan import JobConfig, StartupError
 from pipeline.stub import StubOptions
@@ -192,7 +198,7 @@ class _OneLineFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             text += f" ({type(exc).__name__}: {exc})"
-        return " ".join(text.split())[:1000]
+        return public_text(" ".join(text.split()))[:1000]
 
 
 def _configure_logging() -> None:
@@ -213,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         job = job_from_args(args)
     except (ConfigError, ValueError) as exc:
-        print(f"label.py: error: {exc}", file=sys.stderr)
+        print(f"label.py: error: {public_text(str(exc))}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     from pipeline.plan import plan_job
     from pipeline.preflight import preflight
@@ -226,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = init_ray(args.address)
         return execute_plan(plan).exit_code
     except StartupError as exc:
-        print(f"label.py: error: {exc}", file=sys.stderr)
+        print(f"label.py: error: {public_text(str(exc))}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except KeyboardInterrupt:
         print("label.py: interrupted; rerun the same command to resume", file=sys.stderr)

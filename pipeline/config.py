@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from argparse import ArgumentTypeError
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -56,6 +57,15 @@ def public_uri(uri: str | None) -> str | None:
     netloc = f"***@{host}" if parts.username or parts.password else host
     netloc += f":{parts.port}" if parts.port else ""
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def public_text(text: str) -> str:
+    """``text`` with every URL in it made public (:func:`public_uri`): for messages and log
+    lines that may quote a URI given by the user or a library."""
+    return _URL.sub(lambda m: public_uri(m.group(0)) or "", text)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 from schemas import Category, categories_from_classes, run_metadata
 from schemas.io import completed_shards, done_path, labels_path
 
-from .config import ComputeConfig, IOConfig
+from .config import ComputeConfig, IOConfig, public_uri
 from .engine import EngineSpec
 from .readers import parquet_columns
 from .record import (
@@ -152,7 +152,7 @@ def _check_output(io: IOConfig, fs: Any, root: str, identity: dict,
                             io.output_uri)
     except OutputConflict as exc:
         if not io.overwrite:
-            raise StartupError(f"refusing to write to {io.output_uri}: {exc}") from exc
+            raise StartupError(f"refusing to write to {public_uri(io.output_uri)}: {exc}") from exc
         existing = None
     if io.overwrite:
         _guarded(lambda: clear_output(fs, root), "clear the output", io.output_uri)
@@ -162,7 +162,7 @@ def _check_output(io: IOConfig, fs: Any, root: str, identity: dict,
     try:
         check_compatible(existing, identity, fingerprint, bool(done))
     except OutputConflict as exc:
-        raise StartupError(f"refusing to write to {io.output_uri}: {exc}") from exc
+        raise StartupError(f"refusing to write to {public_uri(io.output_uri)}: {exc}") from exc
     return existing, done
 
 
@@ -195,6 +195,7 @@ def _history(existing: dict) -> list[dict]:
 
 def _guarded(fn: Any, action: str, uri: str) -> Any:
     """Run a startup step; turn storage and input errors into a StartupError."""
+    uri = public_uri(uri)
     try:
         return fn()
     except StartupError:

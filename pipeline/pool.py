@@ -17,6 +17,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 
+from .config import public_uri
 from .plan import JobPlan, StartupError
 from .record import OutputConflict, check_same_weights
 from .worker import LabelWorker, WorkerSpec
@@ -112,8 +113,8 @@ class WorkerPool:
             raise StartupError(
                 f"the engine failed to start on a worker: {error_reason(exc)}") from exc
         except OutputConflict as exc:
-            raise StartupError(f"refusing to write to {self.plan.job.io.output_uri}: "
-                               f"{exc}") from exc
+            output = public_uri(self.plan.job.io.output_uri)
+            raise StartupError(f"refusing to write to {output}: {exc}") from exc
         return models
 
     def replace(self, index: int) -> None:

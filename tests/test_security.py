@@ -359,3 +359,19 @@ def test_sibling_output_is_accepted():
     check_not_nested("s3://b/images", "s3://b/images-labels")
     check_not_nested("/data/images", "/data/labels")
     check_not_nested("s3://b/images", "gs://b/images/labels")
+
+
+# ----------------------------------------------------------------------------- public URIs
+
+
+def test_messages_never_show_user_info_or_query(tmp_path, capsys):
+    from pipeline.config import public_text
+
+    text = public_text("cannot read s3://AKIA:SECRET1@bucket/x.tar?X-Amz-Signature=SECRET2: "
+                       "no (see https://host/a?token=SECRET3)")
+    assert "SECRET" not in text and "s3://***@bucket/x.tar" in text and "https://host/a" in text
+    code, lines, _ = _label(["--input", "memory://user:SECRET4@nowhere/in?sig=SECRET5",
+                             "--output", str(tmp_path / "out"), "--engine", "stub"], capsys)
+    assert code == 2 and len(lines) == 1 and "memory://***@nowhere/in" in lines[0]
+    assert "SECRET" not in lines[0]
+
