@@ -175,6 +175,31 @@ def load_dino(
     return _from_file(_DINO, source, cache_dir, storage_options, _dino_state, build, filter_fn)
 
 
+WEIGHTS_REMEDY = _REMEDY
+
+
+def missing_hub_weights() -> list[str]:
+    """The weight flags (``--clip-weights``, ``--dino-weights``) whose hub weights are not in
+    the local Hugging Face cache (nothing is downloaded; no network access).
+
+    Returns:
+        The flags whose default weights a run without network access could not load.
+    """
+    import open_clip
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    clip_repo = open_clip.get_pretrained_cfg(CLIP_MODEL_NAME, CLIP_PRETRAINED_TAG)["hf_hub"]
+    wanted = {
+        _CLIP.flag: (clip_repo.strip("/"), ("open_clip_model.safetensors",
+                                            "open_clip_pytorch_model.bin")),
+        _DINO.flag: (timm.models.get_pretrained_cfg(DINO_MODEL_NAME).hf_hub_id,
+                     ("model.safetensors", "pytorch_model.bin")),
+    }
+    return [flag for flag, (repo, names) in wanted.items()
+            if not any(isinstance(try_to_load_from_cache(repo, name), str) for name in names)]
+
+
 def stage_weights(source: str, cache_dir: str | None = None,
                   storage_options: dict | None = None) -> str:
     """Returns a local path for ``source``, copying a URL into the cache once.

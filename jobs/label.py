@@ -221,13 +221,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"label.py: error: {public_text(str(exc))}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    from pipeline.cluster import cluster_address
     from pipeline.plan import plan_job
-    from pipeline.preflight import preflight
+    from pipeline.preflight import check_hub_weights, preflight
     from pipeline.runner import execute_plan
 
     started = False
     try:
         preflight(job.io, (job.engine.clip_weights, job.engine.dino_weights))
+        if cluster_address(args.address) is None:  # workers on this machine: same cache
+            check_hub_weights(job.engine)
         plan = plan_job(job)
         started = init_ray(args.address)
         return execute_plan(plan).exit_code

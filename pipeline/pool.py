@@ -111,7 +111,8 @@ class WorkerPool:
                 "the text embeddings takes longer") from exc
         except RayError as exc:
             raise StartupError(
-                f"the engine failed to start on a worker: {error_reason(exc)}") from exc
+                "the engine failed to start on a worker: "
+                f"{error_reason(exc, limit=4000)}") from exc  # whole remedies
         except OutputConflict as exc:
             output = public_uri(self.plan.job.io.output_uri)
             raise StartupError(f"refusing to write to {output}: {exc}") from exc

@@ -54,6 +54,55 @@ def preflight(io: IOConfig, weight_uris: Iterable[str | None] = (),
             check_storage(uri, io.storage_options, "the weights file", timeout_s, exact=True)
 
 
+def check_hub_weights(engine: Any, timeout_s: float = 5.0) -> None:
+    """For a local run that takes its weights from the hubs: refuse at once when they are
+    not cached and the hub cannot be reached, with the full remedy (instead of minutes of
+    download retries in every worker). Skipped behind an HTTP(S) proxy.
+
+    Args:
+        engine: the job's :class:`~pipeline.engine.EngineSpec`.
+        timeout_s: bound of the connection attempt to the hub.
+
+    Raises:
+        PreflightError: the message names the missing weights and what to pass.
+    """
+    if engine.stub is not None or engine.random_weights is not None:
+        return
+    if engine.clip_weights and engine.dino_weights:
+        return
+    from cass_engine.weights import WEIGHTS_REMEDY, missing_hub_weights
+
+    flags = [f for f in missing_hub_weights()
+             if not (engine.clip_weights if f == "--clip-weights" else engine.dino_weights)]
+    if not flags:
+        return
+    problem = _hub_problem(timeout_s)
+    if problem:
+        raise PreflightError(
+            f"no {' and no '.join(flags)} given, the hub's weights are not in the local cache "
+            f"and {problem}. {WEIGHTS_REMEDY}")
+
+
+def _hub_problem(timeout_s: float) -> str | None:
+    """Why the Hugging Face hub cannot be reached from here, or None (or behind a proxy)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    parts = urlsplit(constants.ENDPOINT)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        _bounded(lambda: socket.create_connection((host, port), timeout_s).close(),
+                 timeout_s + 1)
+    except (OSError, TimeoutError) as exc:
+        return f"the hub ({host}) cannot be reached ({type(exc).__name__})"
+    return None
+
+
 def check_not_nested(input_uri: str, output_uri: str) -> None:
     """Raises PreflightError when one URI is the other or lies under it."""
     (in_proto, in_path), (out_proto, out_path) = _location(input_uri), _location(output_uri)

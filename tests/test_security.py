@@ -375,3 +375,22 @@ def test_messages_never_show_user_info_or_query(tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and "memory://***@nowhere/in" in lines[0]
     assert "SECRET" not in lines[0]
 
+
+
+def test_missing_hub_weights_offline_is_one_line_with_the_whole_remedy(tmp_path, capsys,
+                                                                      monkeypatch):
+    from huggingface_hub import constants
+
+    from cass_engine.weights import WEIGHTS_REMEDY
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code, lines, seconds = _label(["--input", str(REPO / "samples/images"),
+                                   "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert "--clip-weights and no --dino-weights" in lines[0] and WEIGHTS_REMEDY in lines[0]
+    assert seconds < 30 and not (tmp_path / "out").exists()
+    import ray
+
+    assert not ray.is_initialized()
