@@ -35,7 +35,8 @@ def result_to_row(shard_id: str, item: RawImage, decoded: DecodedImage, result: 
     annotations = label_map_to_annotations(labels, scores)
     return make_row(shard_id=shard_id, source_uri=item.source_uri, key=item.key,
                     width=decoded.width, height=decoded.height, annotations=annotations,
-                    presence=presence.tolist(), num_categories=num_classes)
+                    presence=presence.tolist(), num_categories=num_classes,
+                    image_id=item.image_id)
 
 
 def failure_row(shard_id: str, item: RawImage, decoded: DecodedImage | None,
@@ -44,7 +45,8 @@ def failure_row(shard_id: str, item: RawImage, decoded: DecodedImage | None,
     width = decoded.width if decoded is not None else None
     height = decoded.height if decoded is not None else None
     return error_row(shard_id=shard_id, source_uri=item.source_uri, key=item.key,
-                     status=status, error=message or status, width=width, height=height)
+                     status=status, error=message or status, width=width, height=height,
+                     image_id=item.image_id)
 
 
 def _numpy(value: Any) -> np.ndarray:

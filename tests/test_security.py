@@ -394,3 +394,36 @@ def test_missing_hub_weights_offline_is_one_line_with_the_whole_remedy(tmp_path,
     import ray
 
     assert not ray.is_initialized()
+
+
+# ----------------------------------------------------------------------------- Parquet ids
+
+
+def test_parquet_duplicate_and_null_ids_get_unique_image_ids(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+    from pipeline.decode import DecodedImage
+    from pipeline.encode import failure_row
+    from pipeline.readers import iter_raw_images
+    from pipeline.shards import ShardSpec
+
+    ids = ["a", "a", None, "00000002", "a~1", "b", None, "a"]
+    table = pa.table({"image": [b"x"] * len(ids), "name": ids})
+    pq.write_table(table, tmp_path / "p.parquet", row_group_size=3)
+    fs, _ = storage.filesystem(str(tmp_path))
+    shard = ShardSpec("p", "parquet", (str(tmp_path / "p.parquet"),), (), "p", "fp")
+
+    def rows() -> list[dict]:
+        items = list(iter_raw_images(shard, fs, "image", "name"))
+        return [failure_row("p", item, DecodedImage(None, None, None), "decode_error", "x")
+                for item in items]
+
+    first = rows()
+    image_ids = [r["image_id"] for r in first]
+    assert len(set(image_ids)) == len(ids), image_ids
+    assert [r["key"] for r in first] == ["a", "a", "00000002", "00000002", "a~1", "b",
+                                         "00000006", "a"]  # original ids (row number: null)
+    assert image_ids[:3] == ["p/a", "p/a~1", "p/00000002"]
+    assert image_ids == [r["image_id"] for r in rows()]  # deterministic
