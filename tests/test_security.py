@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Tuple  # noqa: UP035 - TorchScript needs typing.Tuple
 
 import fsspec
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -427,3 +428,45 @@ def test_parquet_duplicate_and_null_ids_get_unique_image_ids(tmp_path):
                                          "00000006", "a"]  # original ids (row number: null)
     assert image_ids[:3] == ["p/a", "p/a~1", "p/00000002"]
     assert image_ids == [r["image_id"] for r in rows()]  # deterministic
+
+
+# ----------------------------------------------------------------------------- audit text
+
+DATA_NAMES = ["background", "cost $5 or $6", "<script>alert(1)</script>", "a $^$ b"]
+
+
+def test_audit_draws_data_text_literally_and_escapes_html(tmp_path):
+    from PIL import Image
+
+    from jobs.audit import main
+    from pipeline.audit.fixtures import ok_row, write_labels_output
+
+    labels = np.zeros((8, 8), np.int64)
+    labels[:4] = 1
+    labels[4:, :4] = 2
+    labels[4:, 4:] = 3
+    key = "<img src=x onerror=alert(2)> $1$.jpg"
+    write_labels_output(str(tmp_path / "out"), {"s0": [
+        ok_row(key, labels, 4, [0.1, 0.9, 0.8, 0.7])]}, [[n] for n in DATA_NAMES])
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    Image.fromarray(labels.T.astype(np.uint8)).save(gt / f"{key[:-4]}.png")
+    (gt / "classes.txt").write_text("\n".join(DATA_NAMES) + "\n")
+    code = main(["--labels", str(tmp_path / "out"), "--ground-truth", str(gt),
+                 "--report", str(tmp_path / "report"), "--no-progress", "--fail-under", "0"])
+    assert code == 0
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "<script>alert" not in html and "<img src=x" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "cost $5 or $6" in html
+
+
+
+def test_plots_draw_data_text_literally():
+    from PIL import Image
+
+    from pipeline.audit.plots import confusion_heatmap, iou_bars
+
+    names = [*DATA_NAMES, "a $^$ b", r"x $\frac{$ y"]  # not even valid math text
+    for png in (iou_bars(names, [50.0] * len(names)),
+                confusion_heatmap(np.eye(len(names), dtype=np.int64) * 5, names)):
+        assert Image.open(io.BytesIO(png)).size[0] > 100
