@@ -95,7 +95,8 @@ class _Unpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _GLOBALS:
-            return _GLOBALS[(module, name)]
+            fn = _GLOBALS[(module, name)]  # a fresh callable each time: a BUILD opcode
+            return lambda *args: fn(*args)  # on it changes nothing beyond this archive
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(_STORAGE_DTYPES[name])
         if module == "__torch__" or module.startswith("__torch__."):

@@ -205,10 +205,15 @@ def _probe(uri: str, options: Mapping, exact: bool) -> None:
     bucket, _, key = path.partition("/")
     if exact:
         fs.info(path)
-    elif proto in ("s3", "s3a"):
+    elif proto in ("s3", "s3a"):  # one key of a listing: needs what reading the input needs
         from fsspec.asyn import sync
 
         sync(fs.loop, fs._call_s3, "list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=1)
+    elif proto in ("gs", "gcs"):
+        from fsspec.asyn import sync
+
+        sync(fs.loop, fs._call, "GET", "b/{}/o", bucket, json_out=True, prefix=key,
+             maxResults=1)
     else:
         fs.ls(bucket, detail=False)
 
@@ -232,8 +237,9 @@ def describe_storage_error(exc: BaseException, uri: str, what: str,
     if "NoCredentialsError" in names or "Unable to locate credentials" in text:
         return f"no credentials for {what} {shown}: {_CREDENTIALS_HELP}"
     if any(code in text for code in _REJECTED):
-        return (f"the storage rejected the credentials for {what} {shown} (unknown key or "
-                f"wrong secret): check --storage-options or the AWS_* variables")
+        return (f"access denied: the storage rejected the credentials for {what} {shown} "
+                "(unknown key or wrong secret): check --storage-options or the AWS_* "
+                "variables")
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
         bucket = shown.split("://", 1)[-1].split("/", 1)[0]
         return f"the bucket {bucket!r} of {what} {shown} does not exist"

@@ -269,6 +269,19 @@ def _label(argv: list[str], capsys) -> tuple[int, list[str], float]:
 
 
 @pytest.fixture
+def nothing_starts(monkeypatch):
+    """Fails the test if the job gets as far as planning or starting Ray."""
+    from jobs import label
+    from pipeline import plan
+
+    def started(*_args, **_kwargs):
+        raise AssertionError("the job went on to plan or start Ray")
+
+    monkeypatch.setattr(plan, "plan_job", started)
+    monkeypatch.setattr(label, "init_ray", started)
+
+
+@pytest.fixture
 def no_aws_credentials(monkeypatch):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                  "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
@@ -289,7 +302,8 @@ def _options_file(tmp_path: Path, options: dict) -> str:
 
 @pytest.mark.parametrize("case", ["wrong key", "wrong secret", "missing bucket", "no credentials"])
 def test_storage_errors_are_one_line_before_any_worker(case, s3_server, s3_bucket, tmp_path,
-                                                       capsys, no_aws_credentials):
+                                                       capsys, no_aws_credentials,
+                                                       nothing_starts):
     options = dict(s3_server.storage_options)
     bucket, expected = s3_bucket, "rejected the credentials"
     if case == "wrong key":
@@ -308,12 +322,9 @@ def test_storage_errors_are_one_line_before_any_worker(case, s3_server, s3_bucke
     assert expected in lines[0] and f"s3://{bucket}/shards/" in lines[0]
     assert "not-the-secret" not in lines[0] and s3_server.secret not in lines[0]
     assert seconds < 15
-    import ray
-
-    assert not ray.is_initialized()  # nothing started
 
 
-def test_unreachable_endpoint_fails_in_seconds(tmp_path, capsys):
+def test_unreachable_endpoint_fails_in_seconds(tmp_path, capsys, nothing_starts):
     import socket
 
     with socket.socket() as sock:  # a loopback port that nothing listens on
@@ -347,7 +358,8 @@ def test_storage_options_file_errors_never_show_the_contents(tmp_path, capsys):
     ("data", "data/labels"), ("data/labels", "data"), ("data/", "data/./x"),
     ("s3://b/images/", "s3://b/images/run1"), ("s3://b/images/*.tar", "s3://b/images/out"),
 ])
-def test_output_inside_input_is_refused(inp, out, tmp_path, capsys, monkeypatch):
+def test_output_inside_input_is_refused(inp, out, tmp_path, capsys, monkeypatch,
+                                        nothing_starts):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     code, lines, _ = _label(["--input", inp, "--output", out, "--engine", "stub"], capsys)
@@ -379,7 +391,8 @@ def test_messages_never_show_user_info_or_query(tmp_path, capsys):
 
 
 def test_missing_hub_weights_offline_is_one_line_with_the_whole_remedy(tmp_path, capsys,
-                                                                      monkeypatch):
+                                                                      monkeypatch,
+                                                                      nothing_starts):
     from huggingface_hub import constants
 
     from cass_engine.weights import WEIGHTS_REMEDY
@@ -392,9 +405,6 @@ def test_missing_hub_weights_offline_is_one_line_with_the_whole_remedy(tmp_path,
     assert code == 2 and len(lines) == 1, lines
     assert "--clip-weights and no --dino-weights" in lines[0] and WEIGHTS_REMEDY in lines[0]
     assert seconds < 30 and not (tmp_path / "out").exists()
-    import ray
-
-    assert not ray.is_initialized()
 
 
 # ----------------------------------------------------------------------------- Parquet ids
@@ -470,3 +480,13 @@ def test_plots_draw_data_text_literally():
     for png in (iou_bars(names, [50.0] * len(names)),
                 confusion_heatmap(np.eye(len(names), dtype=np.int64) * 5, names)):
         assert Image.open(io.BytesIO(png)).size[0] > 100
+
+
+def test_gcs_missing_bucket_is_one_line(gcs_server, tmp_path, capsys):
+    from pipeline.preflight import PreflightError, check_storage
+
+    bucket = gcs_server.new_bucket()
+    check_storage(f"gs://{bucket}/shards/", gcs_server.storage_options, "the input")
+    with pytest.raises(PreflightError, match="does not exist") as err:
+        check_storage("gs://no-such-bucket-x/shards/", gcs_server.storage_options, "the input")
+    assert "\n" not in str(err.value)
