@@ -490,3 +490,26 @@ def test_gcs_missing_bucket_is_one_line(gcs_server, tmp_path, capsys):
     with pytest.raises(PreflightError, match="does not exist") as err:
         check_storage("gs://no-such-bucket-x/shards/", gcs_server.storage_options, "the input")
     assert "\n" not in str(err.value)
+
+
+def test_credentials_from_the_environment(s3_server, s3_bucket, monkeypatch, no_aws_credentials):
+    from pipeline.preflight import check_storage
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
+    check_storage(f"s3://{s3_bucket}/in/", {"endpoint_url": s3_server.endpoint_url}, "the input")
+
+
+def test_permission_denied_is_named():
+    from botocore.exceptions import ClientError
+
+    from pipeline.preflight import describe_storage_error
+
+    denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}},
+                         "ListObjectsV2")
+    try:
+        raise PermissionError("Access Denied") from denied
+    except PermissionError as exc:
+        text = describe_storage_error(exc, "s3://u:SECRET@b/in?x=SECRET", "the input")
+    assert text.startswith("permission denied for the input s3://***@b/in")
+    assert "SECRET" not in text
