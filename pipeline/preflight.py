@@ -20,7 +20,7 @@ from .config import IOConfig, public_uri
 from .plan import StartupError
 
 PROBE_TIMEOUT_S = 20.0
-_LOCAL = {"file", "local", "memory"}
+_PROBED = {"s3", "s3a", "gs", "gcs"}  # object stores with credentials and buckets
 _CREDENTIALS_HELP = ("pass --storage-options @FILE (a JSON file with \"key\" and \"secret\") "
                      "or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
 _REJECTED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
@@ -50,7 +50,7 @@ def preflight(io: IOConfig, weight_uris: Iterable[str | None] = (),
     check_storage(io.input_uri, io.storage_options, "the input", timeout_s)
     check_storage(io.output_uri, io.storage_options, "the output", timeout_s)
     for uri in weight_uris:
-        if uri and _protocol(uri) not in _LOCAL:
+        if uri:
             check_storage(uri, io.storage_options, "the weights file", timeout_s, exact=True)
 
 
@@ -140,7 +140,8 @@ def _location(uri: str) -> tuple[str, str]:
 
 def check_storage(uri: str, options: Mapping, what: str, timeout_s: float = PROBE_TIMEOUT_S,
                   exact: bool = False) -> None:
-    """One bounded request to the store behind ``uri`` (local and memory URIs are skipped).
+    """One bounded request to the object store behind ``uri`` (``s3://``, ``gs://``; other
+    schemes are left to the job's own error handling).
 
     Args:
         uri: the URI to check.
@@ -152,8 +153,7 @@ def check_storage(uri: str, options: Mapping, what: str, timeout_s: float = PROB
     Raises:
         PreflightError: the store cannot be used (one line, remedy included).
     """
-    proto = _protocol(uri)
-    if proto in _LOCAL:
+    if _protocol(uri) not in _PROBED:
         return
     try:
         _bounded(lambda: _probe(uri, options, exact), timeout_s)

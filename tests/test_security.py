@@ -513,3 +513,15 @@ def test_permission_denied_is_named():
         text = describe_storage_error(exc, "s3://u:SECRET@b/in?x=SECRET", "the input")
     assert text.startswith("permission denied for the input s3://***@b/in")
     assert "SECRET" not in text
+
+
+def test_missing_weights_url_is_one_line(s3_server, s3_bucket, tmp_path, capsys,
+                                         nothing_starts):
+    code, lines, seconds = _label([
+        "--input", str(REPO / "samples/images"), "--output", str(tmp_path / "out"),
+        "--clip-weights", f"s3://{s3_bucket}/weights/ViT-B-16.pt",
+        "--dino-weights", str(tmp_path / "dino.pth"),
+        "--storage-options", _options_file(tmp_path, s3_server.storage_options)], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert f"the weights file s3://{s3_bucket}/weights/ViT-B-16.pt does not exist" in lines[0]
+    assert seconds < 15
