@@ -525,3 +525,14 @@ def test_missing_weights_url_is_one_line(s3_server, s3_bucket, tmp_path, capsys,
     assert code == 2 and len(lines) == 1, lines
     assert f"the weights file s3://{s3_bucket}/weights/ViT-B-16.pt does not exist" in lines[0]
     assert seconds < 15
+
+
+def test_ground_truth_masks_use_the_decoder_allow_list(fake_ghostscript):
+    from pipeline.audit.errors import AuditError
+    from pipeline.audit.sources import decode_label_png, decode_rgb
+
+    with pytest.raises(AuditError, match="EPS"):
+        decode_label_png(_eps_bytes(), "mask a.png")
+    with pytest.raises(OSError, match="EPS"):
+        decode_rgb(_eps_bytes())
+    assert not fake_ghostscript.exists()
