@@ -82,6 +82,49 @@ def _reduce_torch_save(path: Path, marker: Path) -> Path:
     return path
 
 
+class _Block(torch.nn.Module):
+    """Like OpenAI's ResidualAttentionBlock: attention, a plain tensor attribute, an MLP."""
+
+    def __init__(self, width: int, mask: torch.Tensor | None) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(width, 2)
+        self.ln_1 = torch.nn.LayerNorm(width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(),
+                                       torch.nn.Linear(2 * width, width))
+        self.attn_mask = mask  # an attribute, not a parameter or buffer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False, attn_mask=self.attn_mask)[0]
+        return x + self.mlp(x)
+
+
+class _Tower(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.Sequential(_Block(8, torch.zeros(3, 3)), _Block(8, None))
+        self.proj = torch.nn.Parameter(torch.randn(8, 4).half())
+        self.register_buffer("scale", torch.tensor(2.0))
+        self.context_length = 77
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x) @ self.proj.float() * self.scale
+
+
+def test_safe_torchscript_reader_matches_jit_load(tmp_path):
+    from cass_engine.torchscript import read_torchscript_state
+
+    path = tmp_path / "tower.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(_Tower()), str(path))
+        expected = torch.jit.load(str(path)).state_dict()  # our own archive: safe to run
+    state = read_torchscript_state(str(path))
+    assert set(state) == set(expected) and "blocks.0.attn_mask" not in state
+    for key, value in expected.items():
+        assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
+
+
 @pytest.mark.parametrize("via", ["path", "memory"])
 @pytest.mark.parametrize("loader", [load_clip, load_dino])
 def test_torchscript_setstate_never_runs(loader, via, tmp_path, capfd):
