@@ -86,16 +86,22 @@ def build_engine(spec: EngineSpec, device: str) -> Any:
     import torch
 
     from cass_engine import build_segmenter
+    from cass_engine.weights import WeightsError
 
     dtype = getattr(torch, spec.dtype) if spec.dtype else None
-    with _quiet_hub_logs():
-        return build_segmenter(
-            spec.config,
-            clip_weights=stage_weights(spec.clip_weights, spec.cache_dir, spec.storage_options),
-            dino_weights=stage_weights(spec.dino_weights, spec.cache_dir, spec.storage_options),
-            random_weights=spec.random_weights, device=device, dtype=dtype,
-            storage_options=dict(spec.storage_options) or None,
-        )
+    try:
+        with _quiet_hub_logs():
+            return build_segmenter(
+                spec.config,
+                clip_weights=stage_weights(spec.clip_weights, spec.cache_dir,
+                                           spec.storage_options),
+                dino_weights=stage_weights(spec.dino_weights, spec.cache_dir,
+                                           spec.storage_options),
+                random_weights=spec.random_weights, device=device, dtype=dtype,
+                storage_options=dict(spec.storage_options) or None,
+            )
+    except WeightsError as exc:  # its message says it all: no chained library tracebacks
+        raise WeightsError(str(exc)) from None  # in the worker's log
 
 
 @contextlib.contextmanager

@@ -55,9 +55,10 @@ def preflight(io: IOConfig, weight_uris: Iterable[str | None] = (),
 
 
 def check_hub_weights(engine: Any, timeout_s: float = 5.0) -> None:
-    """For a local run that takes its weights from the hubs: refuse at once when they are
-    not cached and the hub cannot be reached, with the full remedy (instead of minutes of
-    download retries in every worker). Skipped behind an HTTP(S) proxy.
+    """For a local run (workers on this machine): refuse at once a weights path that does not
+    exist, and hub weights that are neither cached nor reachable, with the full remedy
+    (instead of minutes of download retries in every worker). The hub is not probed behind
+    an HTTP(S) proxy.
 
     Args:
         engine: the job's :class:`~pipeline.engine.EngineSpec`.
@@ -68,6 +69,11 @@ def check_hub_weights(engine: Any, timeout_s: float = 5.0) -> None:
     """
     if engine.stub is not None or engine.random_weights is not None:
         return
+    for flag, path in (("--clip-weights", engine.clip_weights),
+                       ("--dino-weights", engine.dino_weights)):
+        local = path and ("://" not in path or path.startswith("file://"))
+        if local and not os.path.isfile(os.path.expanduser(path.removeprefix("file://"))):
+            raise PreflightError(f"weights file not found: {path} ({flag})")
     if engine.clip_weights and engine.dino_weights:
         return
     from cass_engine.weights import WEIGHTS_REMEDY, missing_hub_weights

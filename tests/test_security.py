@@ -579,3 +579,13 @@ def test_ground_truth_masks_use_the_decoder_allow_list(fake_ghostscript):
     with pytest.raises(OSError, match="EPS"):
         decode_rgb(_eps_bytes())
     assert not fake_ghostscript.exists()
+
+
+def test_missing_local_weights_file_is_one_line(tmp_path, capsys, nothing_starts,
+                                                monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code, lines, _ = _label(["--input", str(REPO / "samples/images"),
+                             "--output", str(tmp_path / "out"),
+                             "--clip-weights", str(tmp_path / "ViT-B-16.pt")], capsys)
+    assert code == 2 and lines == [
+        f"label.py: error: weights file not found: {tmp_path / 'ViT-B-16.pt'} (--clip-weights)"]
