@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .formats import open_image
+
 MIN_SIDE = 16  # one CLIP patch
 
 
@@ -50,11 +52,14 @@ def to_uint8_chw(image: object) -> torch.Tensor:
 def load_image(path: str | Path) -> np.ndarray:
     """Read an image file as ``[H, W, 3]`` uint8 RGB, EXIF orientation applied.
 
+    Only JPEG, PNG, WebP, GIF, TIFF and BMP files are opened
+    (:data:`cass_engine.formats.IMAGE_FORMATS`).
+
     Raises:
-        ImageInputError: missing or unreadable file.
+        ImageInputError: missing or unreadable file, or another format.
     """
     try:
-        with Image.open(path) as im:
+        with open_image(str(path)) as im:
             im = ImageOps.exif_transpose(im)
             return np.asarray(_to_rgb(im))
     except FileNotFoundError:

@@ -21,8 +21,6 @@ import os
 import re
 import shutil
 import uuid
-import warnings
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import torch
+
+from .torchscript import UnsafeArchiveError, is_torchscript, read_torchscript_state
 
 if TYPE_CHECKING:
     import open_clip
@@ -43,6 +43,11 @@ DEFAULT_CACHE_DIR = "~/.cache/cass_engine/weights"
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 _WRAPPER_KEYS = ("teacher", "state_dict", "model")  # checked in this order
 _KEY_PREFIXES = ("module.", "backbone.")
+ACCEPTED_FORMATS = (
+    "Accepted weight files: OpenAI's TorchScript ViT-B-16.pt (its tensors are read without "
+    "running it), state dicts saved with torch.save (read with weights_only=True) and "
+    "safetensors files; no weights file ever runs code."
+)
 _REMEDY = (
     "Without network access, pre-stage the weight files and pass their paths or URLs: "
     "--clip-weights PATH_OR_URL/ViT-B-16.pt (OpenAI CLIP ViT-B/16) and "
@@ -170,6 +175,31 @@ def load_dino(
     return _from_file(_DINO, source, cache_dir, storage_options, _dino_state, build, filter_fn)
 
 
+WEIGHTS_REMEDY = _REMEDY
+
+
+def missing_hub_weights() -> list[str]:
+    """The weight flags (``--clip-weights``, ``--dino-weights``) whose hub weights are not in
+    the local Hugging Face cache (nothing is downloaded; no network access).
+
+    Returns:
+        The flags whose default weights a run without network access could not load.
+    """
+    import open_clip
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    clip_repo = open_clip.get_pretrained_cfg(CLIP_MODEL_NAME, CLIP_PRETRAINED_TAG)["hf_hub"]
+    wanted = {
+        _CLIP.flag: (clip_repo.strip("/"), ("open_clip_model.safetensors",
+                                            "open_clip_pytorch_model.bin")),
+        _DINO.flag: (timm.models.get_pretrained_cfg(DINO_MODEL_NAME).hf_hub_id,
+                     ("model.safetensors", "pytorch_model.bin")),
+    }
+    return [flag for flag, (repo, names) in wanted.items()
+            if not any(isinstance(try_to_load_from_cache(repo, name), str) for name in names)]
+
+
 def stage_weights(source: str, cache_dir: str | None = None,
                   storage_options: dict | None = None) -> str:
     """Returns a local path for ``source``, copying a URL into the cache once.
@@ -294,16 +324,18 @@ def _dino_state(path: str) -> tuple[dict[str, torch.Tensor], str]:
 def _read_checkpoint(path: str) -> tuple[Any, str]:
     """Loads a TorchScript archive, a safetensors file or a weights-only torch pickle."""
     try:
-        if _is_torchscript(path):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated
-                return dict(torch.jit.load(path, map_location="cpu").state_dict()), "torchscript"
+        if is_torchscript(path):  # read without running its code (never torch.jit.load)
+            return read_torchscript_state(path), "torchscript"
         if _is_safetensors(path):
             return _load_safetensors(path), "safetensors"
         with torch.serialization.safe_globals([argparse.Namespace]):  # DINO training "args"
             return torch.load(path, map_location="cpu", weights_only=True), "pickle"
     except WeightsError:
         raise
+    except UnsafeArchiveError as e:
+        raise WeightsError(
+            f"{path} is a TorchScript archive that cannot be read without running its code "
+            f"({e}); refused. {ACCEPTED_FORMATS}") from None
     except Exception as e:
         raise WeightsError(
             f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(e)}); "
@@ -321,14 +353,6 @@ def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
             "install it, or convert the file with torch.save"
         ) from e
     return load_file(path, device="cpu")
-
-
-def _is_torchscript(path: str) -> bool:
-    """A TorchScript archive is a zip with ``code/`` and ``constants.pkl`` entries."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
 
 
 def _is_safetensors(path: str) -> bool:

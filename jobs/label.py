@@ -21,7 +21,13 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from pipeline.config import ComputeConfig, ConfigError, IOConfig, storage_options_argument
+from pipeline.config import (
+    ComputeConfig,
+    ConfigError,
+    IOConfig,
+    public_text,
+    storage_options_argument,
+)
 from pipeline.engine import EngineSpec
 from pipeline.plan import JobConfig, OutputPolicy, StartupError
 from pipeline.record import TERMINATED, Terminated, is_termination
@@ -66,10 +72,12 @@ def _io_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--image-column", help="image-bytes column of Parquet shards "
                        f"(default: {d('image_column')})")
     group.add_argument("--id-column", help="key column of Parquet shards (default: row number)")
-    group.add_argument("--storage-options", type=storage_options_argument, metavar="JSON",
-                       help="fsspec filesystem keyword arguments for input and output, e.g. "
-                       '\'{"endpoint_url": "http://127.0.0.1:8333", "key": "...", '
-                       '"secret": "..."}\'; AWS_* environment variables also work '
+    group.add_argument("--storage-options", type=storage_options_argument,
+                       metavar="JSON|@FILE",
+                       help="fsspec filesystem keyword arguments for input, output and weight "
+                       "URLs: @FILE reads them from a JSON file (keeps secrets off the command "
+                       'line), e.g. {"endpoint_url": "http://127.0.0.1:8333", "key": "...", '
+                       '"secret": "..."}; the AWS_* environment variables also work '
                        "(default: {})")
     group.add_argument("--max-image-pixels", type=int,
                        help="images with more pixels become 'too_large' error rows "
@@ -144,6 +152,8 @@ def _compute_arguments(group: argparse._ArgumentGroup) -> None:
                        help="restart a worker when a shard has finished no image for this "
                        "long, and retry the shard; 0 disables "
                        f"(default: {d('stall_timeout_s'):g})")
+    group.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS; "
+                       "without either, a private local Ray listening on 127.0.0.1 only)")
     group.add_argument("--progress-interval", type=float,
                        help=f"seconds between progress lines "
                        f"(default: {d('progress_interval_s')})")
@@ -227,21 +237,16 @@ def _engine_spec(args: argparse.Namespace, io: IOConfig) -> EngineSpec:
         stub=StubOptions() if args.engine == "stub" else None))
 
 
-def init_ray() -> bool:
-    """Connect to the cluster in RAY_ADDRESS, else start an embedded local Ray.
+def init_ray(address: str | None = None) -> bool:
+    """Join the cluster at ``--address``/``RAY_ADDRESS``, else start a private local Ray
+    bound to 127.0.0.1 (see :mod:`pipeline.cluster`).
 
     Returns:
         True when this call started Ray (and the caller should shut it down).
     """
-    import ray
+    from pipeline.cluster import init_ray as start
 
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="WARNING")
-    else:
-        ray.init(include_dashboard=False, logging_level="WARNING")
-    return True
+    return start(address)
 
 
 class _OneLineFormatter(logging.Formatter):
@@ -253,7 +258,7 @@ class _OneLineFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             text += f" ({type(exc).__name__}: {exc})"
-        return " ".join(text.split())[:1000]
+        return public_text(" ".join(text.split()))[:1000]
 
 
 def _configure_logging() -> None:
@@ -279,22 +284,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         job = job_from_args(args)
     except (ConfigError, ValueError) as exc:
-        print(f"label.py: error: {exc}", file=sys.stderr)
+        print(f"label.py: error: {public_text(str(exc))}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    from pipeline.cluster import cluster_address
     from pipeline.plan import plan_job
+    from pipeline.preflight import check_hub_weights, preflight
     from pipeline.runner import abandon, execute_plan, exit_code_of
 
     started, plan = False, None
     TERMINATED.clear()
     previous = _handle_sigterm()
     try:
+        preflight(job.io, (job.engine.clip_weights, job.engine.dino_weights))
+        if cluster_address(args.address) is None:  # workers on this machine: same cache
+            check_hub_weights(job.engine)
         plan = plan_job(job)
-        started = init_ray()
+        started = init_ray(args.address)
         _handle_sigterm()  # again: ray.init installs its own SIGTERM handler (plain exit)
         return execute_plan(plan).exit_code
     except StartupError as exc:
         abandon(plan, "failed", EXIT_BAD_CONFIG, str(exc))
-        print(f"label.py: error: {exc}", file=sys.stderr)
+        print(f"label.py: error: {public_text(str(exc))}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except KeyboardInterrupt as exc:
         abandon(plan, "interrupted", exit_code_of(exc))

@@ -10,6 +10,8 @@ Three groups, validated on construction:
 from __future__ import annotations
 
 import json
+import os
+import re
 from argparse import ArgumentTypeError
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -55,6 +57,15 @@ def public_uri(uri: str | None) -> str | None:
     netloc = f"***@{host}" if parts.username or parts.password else host
     netloc += f":{parts.port}" if parts.port else ""
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def public_text(text: str) -> str:
+    """``text`` with every URL in it made public (:func:`public_uri`): for messages and log
+    lines that may quote a URI given by the user or a library."""
+    return _URL.sub(lambda m: public_uri(m.group(0)) or "", text)
 
 
 @dataclass(frozen=True)
@@ -165,14 +176,26 @@ class ComputeConfig:
 
 
 def storage_options_argument(text: str) -> dict:
-    """argparse type of ``--storage-options``: a JSON object. Errors never echo the value
-    (argparse would, for a ValueError), since it may hold credentials."""
+    """argparse type of ``--storage-options``: a JSON object, or ``@FILE`` naming a file
+    that holds one (so that secrets stay off the command line, ``ps`` and Ray's job table).
+    Errors never echo the value (argparse would, for a ValueError), since it may hold
+    credentials."""
+    source = "JSON"
+    if text.startswith("@"):
+        path = os.path.expanduser(text[1:])
+        source = f"the JSON in {path}"
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise ArgumentTypeError(f"cannot read the storage options file {path}: "
+                                    f"{exc.strerror or type(exc).__name__}") from None
     try:
         value = json.loads(text)
     except ValueError as exc:
         raise ArgumentTypeError(
-            f"not valid JSON ({exc.msg} at character {exc.pos}; the value is not shown "
-            "because it may hold credentials)") from None
+            f"{source} is not valid JSON ({exc.msg} at character {exc.pos}; the value is not "
+            "shown because it may hold credentials)") from None
     if not isinstance(value, dict):
         raise ArgumentTypeError("must be a JSON object, e.g. '{\"key\": \"...\"}'")
     return value

@@ -9,6 +9,9 @@ Rules:
     - Zero bytes -> ``empty``; more than ``max_image_pixels`` pixels (checked from the header,
       before any pixel is decoded) -> ``too_large``; anything Pillow cannot read, including
       truncated data -> ``decode_error``.
+    - Only the formats of :data:`cass_engine.formats.IMAGE_FORMATS` are opened (JPEG, PNG,
+      WebP, GIF, TIFF, BMP); any other format is a ``decode_error`` naming the format it was
+      detected as, and no other decoder (nor an external program such as Ghostscript) runs.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cass_engine.formats import UnsupportedImageFormat, open_image
 
 # The pipeline enforces its own limit (``max_image_pixels``) right after reading the header;
 # Pillow's warning for large images is redundant here. (A process-wide filter: the
@@ -62,6 +67,8 @@ def decode_image(data: bytes, max_image_pixels: int) -> DecodedImage:
         return _decode(data, max_image_pixels)
     except Image.DecompressionBombError as exc:
         return _failed("too_large", str(exc))
+    except UnsupportedImageFormat as exc:
+        return _failed("decode_error", f"unsupported image format: {exc}")
     except UnidentifiedImageError:
         return _failed("decode_error", "cannot identify image file (not an image, or an "
                        "unsupported format)")
@@ -76,7 +83,7 @@ def max_encoded_bytes(max_image_pixels: int) -> int:
 
 
 def _decode(data: bytes, max_image_pixels: int) -> DecodedImage:
-    image = Image.open(io.BytesIO(data))
+    image = open_image(io.BytesIO(data))
     width, height = image.size
     if width * height > max_image_pixels:
         return _failed("too_large", f"{width}x{height} = {width * height} pixels exceeds "

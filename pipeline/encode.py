@@ -38,7 +38,8 @@ def result_to_row(shard_id: str, item: RawImage, decoded: DecodedImage, result: 
     return make_row(shard_id=shard_id, source_uri=item.source_uri, key=item.key,
                     width=decoded.width, height=decoded.height, annotations=annotations,
                     presence=presence.tolist(), num_categories=num_classes,
-                    confidence=_confidence(result, labels.shape) if confidence else None)
+                    confidence=_confidence(result, labels.shape) if confidence else None,
+                    image_id=item.image_id)
 
 
 def _confidence(result: Any, shape: tuple[int, ...]) -> bytes:
@@ -58,7 +59,8 @@ def failure_row(shard_id: str, item: RawImage, decoded: DecodedImage | None,
     width = decoded.width if decoded is not None else None
     height = decoded.height if decoded is not None else None
     return error_row(shard_id=shard_id, source_uri=item.source_uri, key=item.key,
-                     status=status, error=message or status, width=width, height=height)
+                     status=status, error=message or status, width=width, height=height,
+                     image_id=item.image_id)
 
 
 def _numpy(value: Any) -> np.ndarray:

@@ -7,10 +7,12 @@ the Ray object store (``set_vocabulary(text_embeddings=...)``).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,15 +86,35 @@ def build_engine(spec: EngineSpec, device: str) -> Any:
     import torch
 
     from cass_engine import build_segmenter
+    from cass_engine.weights import WeightsError
 
     dtype = getattr(torch, spec.dtype) if spec.dtype else None
-    return build_segmenter(
-        spec.config,
-        clip_weights=stage_weights(spec.clip_weights, spec.cache_dir, spec.storage_options),
-        dino_weights=stage_weights(spec.dino_weights, spec.cache_dir, spec.storage_options),
-        random_weights=spec.random_weights, device=device, dtype=dtype,
-        storage_options=dict(spec.storage_options) or None,
-    )
+    try:
+        with _quiet_hub_logs():
+            return build_segmenter(
+                spec.config,
+                clip_weights=stage_weights(spec.clip_weights, spec.cache_dir,
+                                           spec.storage_options),
+                dino_weights=stage_weights(spec.dino_weights, spec.cache_dir,
+                                           spec.storage_options),
+                random_weights=spec.random_weights, device=device, dtype=dtype,
+                storage_options=dict(spec.storage_options) or None,
+            )
+    except WeightsError as exc:  # its message says it all: no chained library tracebacks
+        raise WeightsError(str(exc)) from None  # in the worker's log
+
+
+@contextlib.contextmanager
+def _quiet_hub_logs() -> Iterator[None]:
+    """The hubs' per-retry warnings stay out of the job's log while the engine is built: a
+    failed download ends in one WeightsError that says what to pass instead."""
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
 
 
 def stage_weights(uri: str | None, cache_dir: str, storage_options: Mapping) -> str | None:

@@ -23,7 +23,7 @@ from schemas.completion import OutputCheck, check_output, read_records, record_l
 from schemas.io import done_path
 
 from .conditional import honours_conditional_create
-from .config import ComputeConfig, IOConfig
+from .config import ComputeConfig, IOConfig, public_uri
 from .engine import EngineSpec
 from .lease import DEFAULT_TTL_S, Lease, LeaseHeld, check_holder
 from .readers import parquet_columns
@@ -278,7 +278,7 @@ def _check_output(io: IOConfig, fs: Any, root: str, identity: dict, fingerprint:
                             io.output_uri)
     except OutputConflict as exc:
         if not io.overwrite:
-            raise StartupError(f"refusing to write to {io.output_uri}: {exc}") from exc
+            raise StartupError(f"refusing to write to {public_uri(io.output_uri)}: {exc}") from exc
         existing = None
     records = _guarded(lambda: retry(lambda: read_records(fs, root), "read the completion "
                                      "records"), "list the completed shards of", io.output_uri)
@@ -286,7 +286,7 @@ def _check_output(io: IOConfig, fs: Any, root: str, identity: dict, fingerprint:
         check_compatible(existing, identity, fingerprint, bool(records))
     except OutputConflict as exc:
         if not io.overwrite:
-            raise StartupError(f"refusing to write to {io.output_uri}: {exc}") from exc
+            raise StartupError(f"refusing to write to {public_uri(io.output_uri)}: {exc}") from exc
         _guarded(lambda: clear_output(fs, root), "clear the output", io.output_uri)
         return existing, {}, [f"cleared the output (--overwrite): {exc}"]
     return existing, records, []
@@ -333,6 +333,7 @@ def _clean(io: IOConfig, fs: Any, root: str, check: OutputCheck, redo: list[str]
 
 def _guarded(fn: Any, action: str, uri: str) -> Any:
     """Run a startup step; turn storage and input errors into a StartupError."""
+    uri = public_uri(uri)
     try:
         return fn()
     except StartupError:

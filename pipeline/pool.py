@@ -17,6 +17,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 
+from .config import public_uri
 from .plan import JobPlan, StartupError
 from .record import OutputConflict
 from .worker import LabelWorker, WorkerSpec
@@ -109,10 +110,11 @@ class WorkerPool:
                 "the text embeddings takes longer") from exc
         except RayError as exc:
             raise StartupError(
-                f"the engine failed to start on a worker: {error_reason(exc)}") from exc
+                "the engine failed to start on a worker: "
+                f"{error_reason(exc, limit=4000)}") from exc  # whole remedies
         except OutputConflict as exc:
-            raise StartupError(f"refusing to write to {self.plan.job.io.output_uri}: "
-                               f"{exc}") from exc
+            output = public_uri(self.plan.job.io.output_uri)
+            raise StartupError(f"refusing to write to {output}: {exc}") from exc
         return models
 
     def replace(self, index: int) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from schemas import make_image_id
+
 from .shards import IMAGE_EXTENSIONS, ShardSpec, printable
 from .storage import read_bytes, retry
 
@@ -33,6 +35,8 @@ class RawImage:
         data: the encoded bytes, or None when ``path`` must be fetched (image files).
         path: object path to fetch lazily (image files), else None.
         error: ``(status, message)`` when the item could not be read at all.
+        image_id: the row's ``image_id`` when it is not ``<shard_id>/<key>`` (a Parquet id
+            that repeats in its shard: the key keeps the original id).
     """
 
     key: str
@@ -40,6 +44,7 @@ class RawImage:
     data: bytes | None = None
     path: str | None = None
     error: tuple[str, str] | None = None
+    image_id: str | None = None
 
     def load(self, fs: Any) -> bytes:
         """The bytes, fetching ``path`` (with retries) when needed."""
@@ -150,7 +155,7 @@ def _iter_parquet(shard: ShardSpec, fs: Any, image_column: str,
                            error=("decode_error", f"invalid Parquet file: {exc}"))
             return
         columns = [image_column] + ([id_column] if id_column else [])
-        row = 0
+        row, seen = 0, set()
         batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
         while True:
             try:
@@ -166,8 +171,23 @@ def _iter_parquet(shard: ShardSpec, fs: Any, image_column: str,
             ids = batch.column(id_column).to_pylist() if id_column else [None] * len(images)
             for value, ident in zip(images, ids, strict=True):
                 key = str(ident) if ident is not None else f"{row:08d}"
-                yield RawImage(key, shard.source_uri, data=image_bytes(value))
+                unique = _unique_key(key, row, seen)
+                image_id = None if unique == key else make_image_id(shard.shard_id, unique)
+                yield RawImage(key, shard.source_uri, data=image_bytes(value),
+                               image_id=image_id)
                 row += 1
+
+
+def _unique_key(key: str, row: int, seen: set[str]) -> str:
+    """``key``, or ``key~<row>`` (then ``~2``, ...) when an earlier row of the shard took it:
+    repeated and null ``--id-column`` values still give unique, deterministic image ids
+    (a null's key is its row number, which a real id may also be)."""
+    unique, n = key, 1
+    while unique in seen:
+        unique = f"{key}~{row}" if n == 1 else f"{key}~{row}~{n}"
+        n += 1
+    seen.add(unique)
+    return unique
 
 
 def image_bytes(value: object) -> bytes:

@@ -211,8 +211,9 @@ class RaySessions:
             return
         if ray.is_initialized():
             ray.shutdown()
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                 logging_level="ERROR")
+        from pipeline.cluster import start_local_ray  # private, on 127.0.0.1 only
+
+        start_local_ray(num_cpus=num_cpus, num_gpus=num_gpus, logging_level="ERROR")
         self.current = wanted
 
     def shutdown(self) -> None:

@@ -1,12 +1,19 @@
-"""Report figures as PNG bytes (matplotlib's Agg canvas, no pyplot global state)."""
+"""Report figures as PNG bytes (matplotlib's Agg canvas, no pyplot global state).
+
+Text from the data (class names, image ids) is drawn literally: math-text parsing is off
+for every such label, so ``$`` and backslashes are plain characters (a name such as
+``cost $5 or $6`` is neither garbled nor a parse error).
+"""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from .presence import PresenceAccumulator
 from .worst import WorstEntry
@@ -20,6 +27,12 @@ def _png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     return buffer.getvalue()
+
+
+def _literal(texts: Iterable[Text]) -> None:
+    """Draw these texts as they are (no math-text parsing of ``$...$``)."""
+    for text in texts:
+        text.set_parse_math(False)
 
 
 def palette(num_gt: int) -> np.ndarray:
@@ -41,6 +54,7 @@ def iou_bars(names: list[str], iou_percent: list[float | None]) -> bytes:
     ax = fig.add_subplot()
     ax.barh(range(len(names)), values, color="#4c78a8")
     ax.set_yticks(range(len(names)), names, fontsize=6 if len(names) > 40 else 8)
+    _literal(ax.get_yticklabels())
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
     ax.set_xlabel("IoU (%)")
@@ -65,6 +79,7 @@ def confusion_heatmap(confusion: np.ndarray, names: list[str], max_classes: int 
     fontsize = 5 if len(shown) > 25 else 8
     ax.set_xticks(range(len(shown)), labels, rotation=90, fontsize=fontsize)
     ax.set_yticks(range(len(shown)), labels, fontsize=fontsize)
+    _literal([*ax.get_xticklabels(), *ax.get_yticklabels()])
     ax.set_xlabel("prediction")
     ax.set_ylabel("ground truth")
     fig.colorbar(image, ax=ax, fraction=0.046)
@@ -88,7 +103,7 @@ def pr_curves(presence: PresenceAccumulator, names: list[str], categories: list[
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     if chosen:
-        ax.legend(fontsize=7, loc="lower left")
+        _literal(ax.legend(fontsize=7, loc="lower left").get_texts())
     return _png(fig)
 
 

@@ -60,10 +60,12 @@ def decode_label_png(data: bytes, where: str) -> np.ndarray:
 
     Palette images give their indices (as mmseg's pillow backend does).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from cass_engine.formats import open_image  # the decoders' allow-list
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(io.BytesIO(data)) as image:
             if image.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
                 raise AuditError(f"{where}: label image has mode {image.mode}; expected a "
                                  "single-channel (L, P or 16-bit) PNG of class indices")
@@ -73,10 +75,10 @@ def decode_label_png(data: bytes, where: str) -> np.ndarray:
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
-    """Image bytes -> ``[H, W, 3]`` uint8 RGB."""
-    from PIL import Image
+    """Image bytes -> ``[H, W, 3]`` uint8 RGB (JPEG, PNG, WebP, GIF, TIFF, BMP only)."""
+    from cass_engine.formats import open_image
 
-    with Image.open(io.BytesIO(data)) as image:
+    with open_image(io.BytesIO(data)) as image:
         return np.array(image.convert("RGB"))
 
 
