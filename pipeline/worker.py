@@ -6,6 +6,13 @@ for them; the engine itself is called under a lock, so two shards can be in flig
 worker (one decoding or writing while the other uses the engine). Queues are bounded: at
 most ``batch_size * prefetch_batches`` decoded images ahead of the engine, and at most
 ``2 * batch_size`` results waiting for encoding.
+
+Engine failures are sorted by cause. An image the engine refuses (``ImageInputError``) is an
+``engine_error`` row. Any other failure of a batch (a CUDA error, ``MemoryError``, a bug) is
+not the images' fault: on a shard's first launch it raises :class:`EngineFault`, which fails
+the attempt (the driver replaces the worker and retries the shard). From the second launch
+on, a failing batch is isolated by running its images one at a time, and only an image that
+fails alone (while others of its batch do not) becomes an ``engine_error`` row.
 """
 
 from __future__ import annotations
@@ -34,6 +41,17 @@ from .storage import filesystem
 from .writer import write_shard
 
 Item = tuple[RawImage, DecodedImage]
+
+
+class EngineFault(RuntimeError):
+    """The engine failed for a reason that is not about the images: the shard attempt fails
+    (it is retried on another worker) instead of writing error rows."""
+
+
+def is_image_error(exc: BaseException) -> bool:
+    """Whether an engine exception is about the image itself (``ImageInputError``; matched by
+    name so that the driver never imports the engine)."""
+    return any(cls.__name__ == "ImageInputError" for cls in type(exc).__mro__)
 
 
 @dataclass(frozen=True)
@@ -126,16 +144,22 @@ class LabelWorker:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     # ------------------------------------------------------------------ work
-    def process_shard(self, shard: ShardSpec, max_images: int | None = None) -> dict:
+    def process_shard(self, shard: ShardSpec, max_images: int | None = None,
+                      attempt: int = 0) -> dict:
         """Label a shard and write its table and completion record.
 
         Args:
             shard: the shard.
             max_images: stop after this many images (``--limit``); the record says
                 ``truncated`` when images were left out.
+            attempt: how many times the driver launched this shard before (0: first launch);
+                recorded with the write, and from 1 on failing batches are isolated.
 
         Returns:
             The completion record, plus ``engine_seconds`` spent in the engine.
+
+        Raises:
+            EngineFault: the engine failed for a reason that is not about the images.
         """
         started = time.monotonic()
         engine_before = self.engine_seconds
@@ -146,13 +170,14 @@ class LabelWorker:
         if max_images is not None:
             items = islice(items, max_images + 1)
         try:
-            rows = self.label_items(shard.shard_id, items)
+            rows = self.label_items(shard.shard_id, items, isolate=attempt > 0)
             self._live.pop(shard.shard_id, None)
             self._beat(shard.shard_id)
             truncated = max_images is not None and len(rows) > max_images
             rows = rows[:max_images] if truncated else rows
             extra = {"source_uri": shard.source_uri, "fingerprint": self.spec.fingerprint,
                      "input_fingerprint": shard.fingerprint, "truncated": truncated,
+                     "attempt": attempt,
                      "worker": {"pid": os.getpid(), "device": self.device}}
             record = write_shard(self._out_fs, self._out_root, shard.shard_id, rows,
                                  self._run_metadata, extra)
@@ -163,8 +188,17 @@ class LabelWorker:
         return {**record, "seconds": time.monotonic() - started,
                 "engine_seconds": self.engine_seconds - engine_before}
 
-    def label_items(self, shard_id: str, items: Iterable[RawImage]) -> list[dict]:
-        """Rows for raw images, in input order."""
+    def label_items(self, shard_id: str, items: Iterable[RawImage],
+                    isolate: bool = False) -> list[dict]:
+        """Rows for raw images, in input order.
+
+        Args:
+            isolate: run a failing batch one image at a time and write the images that fail
+                alone as error rows (a retried shard); else such a failure raises.
+
+        Raises:
+            EngineFault: see the module docstring.
+        """
         compute = self.spec.compute
         decoded = _ordered_map(self._pool, self._load_and_decode, items,
                                compute.batch_size * compute.prefetch_batches)
@@ -172,7 +206,7 @@ class LabelWorker:
         pending: deque[Future] = deque()
         self._live[shard_id] = 0
         for batch in _batched(decoded, compute.batch_size):
-            for future in self._label_batch(shard_id, batch):
+            for future in self._label_batch(shard_id, batch, isolate):
                 future.add_done_callback(lambda _, sid=shard_id: self._count_row(sid))
                 futures.append(future)
                 pending.append(future)
@@ -202,9 +236,9 @@ class LabelWorker:
         item.data = None
         return item, decode_image(data, self.spec.io.max_image_pixels)
 
-    def _label_batch(self, shard_id: str, batch: list[Item]) -> list[Future]:
+    def _label_batch(self, shard_id: str, batch: list[Item], isolate: bool) -> list[Future]:
         ok = [(item, dec) for item, dec in batch if dec.status == "ok"]
-        results = iter(self._segment([dec.rgb for _, dec in ok]))
+        results = iter(self._segment([dec.rgb for _, dec in ok], isolate))
         futures = []
         num_classes = self.engine.vocabulary.num_classes
         for item, dec in batch:
@@ -216,24 +250,41 @@ class LabelWorker:
             futures.append(self._pool.submit(_encode, shard_id, item, dec, result, num_classes))
         return futures
 
-    def _segment(self, images: list) -> list:
-        """Engine results (or the exception of a failed image), one per image."""
+    def _segment(self, images: list, isolate: bool = False) -> list:
+        """Engine results (or the exception of an image that failed alone), one per image.
+
+        Raises:
+            EngineFault: the batch failed for a reason that is not about its images.
+        """
         if not images:
             return []
         with self._lock:
             started = time.monotonic()
             try:
                 return self.engine.segment(images, return_logits=False, return_probs=False)
-            except Exception:  # noqa: BLE001 - isolate the failing image(s) below
-                return [self._segment_one(image) for image in images]
+            except Exception as exc:  # noqa: BLE001 - sorted by cause below
+                if not (isolate or is_image_error(exc)):
+                    raise _fault(exc, len(images)) from exc
+                results = [self._segment_one(image) for image in images]
             finally:
                 self.engine_seconds += time.monotonic() - started
+        faults = [r for r in results if isinstance(r, Exception) and not is_image_error(r)]
+        if faults and (not isolate or len(faults) == len(images) > 1):
+            raise _fault(faults[0], len(images), len(faults)) from faults[0]
+        return results
 
     def _segment_one(self, image: Any) -> Any:
         try:
             return self.engine.segment([image], return_logits=False, return_probs=False)[0]
-        except Exception as exc:  # noqa: BLE001 - becomes an engine_error row
+        except Exception as exc:  # noqa: BLE001 - the caller decides: error row or fault
             return exc
+
+
+def _fault(exc: BaseException, batch: int, alone: int | None = None) -> EngineFault:
+    where = f"a batch of {batch} image(s)" if alone is None else \
+        f"{alone} of {batch} image(s) run one at a time"
+    return EngineFault(f"engine failed on {where}, not because of an image: "
+                       f"{type(exc).__name__}: {str(exc)[:300]}")
 
 
 def _encode(shard_id: str, item: RawImage, dec: DecodedImage, result: Any,
