@@ -99,8 +99,11 @@ class WorkerPool:
         deadline = time.monotonic() + timeout
         left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
         try:
-            self._embeddings = self.actors[0].compute_text_embeddings.remote()
+            embeddings = self.actors[0].compute_text_embeddings.remote(True)
             self.infos = ray.get([a.describe.remote() for a in self.actors], timeout=left())
+            # owned and stored by the driver: replacements still get them after the node of
+            # the worker that computed them is gone
+            self._embeddings = ray.put(ray.get(embeddings, timeout=left()))
             models = self.infos[0]["weights_info"]  # every worker checks its own in prepare()
             check_same_weights(self.plan.existing if not self.plan.job.io.overwrite else None,
                                models)

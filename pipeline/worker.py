@@ -18,6 +18,7 @@ fails alone (while others of its batch do not) becomes an ``engine_error`` row.
 from __future__ import annotations
 
 import os
+import pickle
 import resource
 import threading
 import time
@@ -113,13 +114,22 @@ class LabelWorker:
             "device": self.device, "weights_info": getattr(self.engine, "weights_info", {}),
         }
 
-    def compute_text_embeddings(self) -> Any:
-        """Embed the configured vocabulary (done once per job, on one worker)."""
+    def compute_text_embeddings(self, as_bytes: bool = False) -> Any:
+        """Embed the configured vocabulary (done once per job, on one worker).
+
+        Args:
+            as_bytes: return them pickled, so that the driver can own a copy without
+                importing the engine (a copy that outlives this worker's node).
+        """
         with self._lock:
-            return self.engine.set_vocabulary(None)
+            embeddings = self.engine.set_vocabulary(None)
+        return pickle.dumps(embeddings) if as_bytes else embeddings
 
     def prepare(self, text_embeddings: Any, run_metadata: Mapping | None = None) -> bool:
-        """Adopt shared text embeddings and the file metadata of this run."""
+        """Adopt shared text embeddings (or their pickle from this run's driver) and the file
+        metadata of this run."""
+        if isinstance(text_embeddings, bytes):
+            text_embeddings = pickle.loads(text_embeddings)  # noqa: S301 - our own workers'
         if run_metadata is not None:
             expected = run_metadata.get("run", {}).get("models") or {}
             changed = weight_differences(expected, getattr(self.engine, "weights_info", {}))
