@@ -1,9 +1,10 @@
 """Read a shard's images as raw bytes, streaming: tar members, Parquet rows, or image files.
 
 Archive member names are only ever used as *keys* (strings in the output); nothing is
-extracted to the filesystem. A shard file that is not a valid archive (corrupt, truncated,
-not a tar/Parquet file) yields one error item for the archive itself, and the items read
-before the damage; the shard still completes.
+extracted to the filesystem. Tar shards are read as a stream and member headers are dropped
+once read (only the keys seen so far are kept, to keep them unique). A shard file that is
+not a valid archive (corrupt, truncated, not a tar/Parquet file) yields one error item for
+the archive itself, and the items read before the damage; the shard still completes.
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ def _iter_tar(shard: ShardSpec, fs: Any, max_bytes: int | None) -> Iterator[RawI
     with retry(lambda: fs.open(path, "rb", block_size=TAR_BLOCK_BYTES), f"open {path}") as f:
         try:
             with tarfile.open(fileobj=f, mode="r|") as archive:
-                for member in archive:
+                while (member := archive.next()) is not None:
                     item = _tar_item(archive, member, shard, seen, max_bytes)
+                    archive.members.clear()  # tarfile would keep every header otherwise
                     if item is not None:
                         yield item
                 end = archive.offset

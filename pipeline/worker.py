@@ -38,6 +38,7 @@ from .engine import EngineSpec, build_engine, choose_device
 from .readers import RawImage, iter_raw_images
 from .record import weight_differences
 from .shards import ShardSpec
+from .spool import RowSpool
 from .storage import filesystem
 from .writer import write_shard
 
@@ -179,12 +180,17 @@ class LabelWorker:
                                 max_encoded_bytes(self.spec.io.max_image_pixels))
         if max_images is not None:
             items = islice(items, max_images + 1)
+        spool = RowSpool(self._run_metadata)
         try:
-            rows = self.label_items(shard.shard_id, items, isolate=attempt > 0)
+            truncated = False
+            for row in self.iter_rows(shard.shard_id, items, isolate=attempt > 0):
+                if max_images is not None and spool.num_rows >= max_images:
+                    truncated = True
+                    break
+                spool.add(row)
+            rows = spool.close()
             self._live.pop(shard.shard_id, None)
             self._beat(shard.shard_id)
-            truncated = max_images is not None and len(rows) > max_images
-            rows = rows[:max_images] if truncated else rows
             extra = {"source_uri": shard.source_uri, "fingerprint": self.spec.fingerprint,
                      "input_fingerprint": shard.fingerprint, "truncated": truncated,
                      "attempt": attempt,
@@ -192,6 +198,7 @@ class LabelWorker:
             record = write_shard(self._out_fs, self._out_root, shard.shard_id, rows,
                                  self._run_metadata, extra)
         finally:
+            spool.discard()
             with self._live_lock:
                 self._live.pop(shard.shard_id, None)
                 self._beats.pop(shard.shard_id, None)
@@ -200,7 +207,13 @@ class LabelWorker:
 
     def label_items(self, shard_id: str, items: Iterable[RawImage],
                     isolate: bool = False) -> list[dict]:
-        """Rows for raw images, in input order.
+        """Rows for raw images, in input order (see :meth:`iter_rows`)."""
+        return list(self.iter_rows(shard_id, items, isolate))
+
+    def iter_rows(self, shard_id: str, items: Iterable[RawImage],
+                  isolate: bool = False) -> Iterator[dict]:
+        """Rows for raw images, in input order, as they are finished (at most a few batches
+        of them are in memory).
 
         Args:
             isolate: run a failing batch one image at a time and write the images that fail
@@ -212,17 +225,16 @@ class LabelWorker:
         compute = self.spec.compute
         decoded = _ordered_map(self._pool, self._load_and_decode, items,
                                compute.batch_size * compute.prefetch_batches)
-        futures: list[Future] = []
         pending: deque[Future] = deque()
         self._live[shard_id] = 0
         for batch in _batched(decoded, compute.batch_size):
             for future in self._label_batch(shard_id, batch, isolate):
                 future.add_done_callback(lambda _, sid=shard_id: self._count_row(sid))
-                futures.append(future)
                 pending.append(future)
             while len(pending) > 2 * compute.batch_size:
-                pending.popleft().result()
-        return [f.result() for f in futures]
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
     def _count_row(self, shard_id: str) -> None:
         with self._live_lock:

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from schemas import rows_to_table
 from schemas.io import done_path, labels_path
 
+from .spool import SpooledTable
 from .storage import put_bytes
 
 PARQUET_COMPRESSION = "zstd"
@@ -45,25 +46,31 @@ def shard_counts(rows: Sequence[Mapping]) -> dict:
     }
 
 
-def write_shard(fs: Any, root: str, shard_id: str, rows: Sequence[Mapping],
+def write_shard(fs: Any, root: str, shard_id: str, rows: Sequence[Mapping] | SpooledTable,
                 run_metadata: Mapping, extra: Mapping) -> dict:
     """Upload the shard's table, then its completion record.
 
     Args:
         fs, root: output filesystem and root path.
         shard_id: the shard's id.
-        rows: the shard's rows, in shard order.
+        rows: the shard's rows, in shard order, or their finished spool file (workers stream
+            rows to one: :mod:`pipeline.spool`; ``run_metadata`` is then already in it).
         run_metadata: JSON stored in the Parquet file metadata.
         extra: more fields for the completion record (fingerprints, source, worker).
 
     Returns:
         The completion record.
     """
-    data = table_bytes(rows, run_metadata)
-    put_bytes(fs, labels_path(root, shard_id), data)
+    if isinstance(rows, SpooledTable):
+        rows.upload(fs, labels_path(root, shard_id))
+        counts, size, digest = rows.counts, rows.num_bytes, rows.sha256
+    else:
+        data = table_bytes(rows, run_metadata)
+        put_bytes(fs, labels_path(root, shard_id), data)
+        counts, size, digest = shard_counts(rows), len(data), hashlib.sha256(data).hexdigest()
     record = {
-        "shard_id": shard_id, **shard_counts(rows), "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(), "written_at": _now(), **extra,
+        "shard_id": shard_id, **counts, "bytes": size, "sha256": digest,
+        "written_at": _now(), **extra,
     }
     put_bytes(fs, done_path(root, shard_id), json.dumps(record, sort_keys=True).encode())
     return record

@@ -299,3 +299,55 @@ def test_seaweedfs_killed_mid_run_and_restarted_then_rerun(ray_cpus, own_seaweed
     again = run_job(job, emit=lambda _: None)
     assert again.status == "complete", again.record["failed_shards"]
     assert_exactly_once(output, ids, server.storage_options)
+
+
+# ---------------------------------------------------------------------- bounded memory
+def test_rows_are_spooled_in_row_groups_and_match_the_record(tmp_path):
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from pipeline.spool import RowSpool
+    from pipeline.writer import write_shard
+    from schemas import error_row
+    from schemas.io import read_label_table
+
+    rows = [error_row(shard_id="s", source_uri="u", key=f"k{i:05d}",
+                      status="decode_error" if i % 3 else "empty", error="x")
+            for i in range(2500)]
+    spool = RowSpool({"schema_version": "1.0"}, group_rows=1000, directory=str(tmp_path))
+    for row in rows:
+        spool.add(row)
+        assert len(spool._rows) < 1000  # never more than one row group held
+    table = spool.close()
+    assert pq.ParquetFile(table.path).metadata.num_row_groups == 3
+    fs = __import__("fsspec").filesystem("file")
+    record = write_shard(fs, str(tmp_path / "out"), "s", table, {}, {})
+    spool.discard()
+    assert not os.path.exists(table.path)
+    data = (tmp_path / "out" / "labels" / "s.parquet").read_bytes()
+    assert record["sha256"] == hashlib.sha256(data).hexdigest()
+    assert record["bytes"] == len(data) and record["num_images"] == 2500
+    assert record["errors_by_status"] == {"decode_error": 1666, "empty": 834}
+    read, meta = read_label_table(str(tmp_path / "out" / "labels" / "s.parquet"))
+    assert read.column("key").to_pylist() == [r["key"] for r in rows]
+    assert meta["schema_version"] == "1.0"
+
+
+def test_streaming_tar_reader_keeps_no_member_headers(tmp_path, monkeypatch):
+    import tarfile
+
+    import fsspec
+
+    from pipeline.readers import iter_raw_images
+
+    members = {f"m{i:03d}.{ext}": b"x" * 10 for i in range(60) for ext in ("png", "json")}
+    (tmp_path / "a.tar").write_bytes(tar_bytes(members))
+    kept: list[int] = []
+    original = tarfile.TarFile.next
+    monkeypatch.setattr(tarfile.TarFile, "next",
+                        lambda self: (kept.append(len(self.members)), original(self))[1])
+    shard = ShardSpec("a", "webdataset", (str(tmp_path / "a.tar"),), (), "u", "fp")
+    items = list(iter_raw_images(shard, fsspec.filesystem("file")))
+    assert len(items) == 60 and all(i.error is None for i in items)
+    assert len(kept) > 120 and max(kept) <= 1  # one header at a time, not all 120

@@ -29,6 +29,7 @@ from pipeline.plan import JobConfig, StartupError, plan_job
 from pipeline.readers import iter_raw_images, tar_key
 from pipeline.record import OutputConflict, check_compatible
 from pipeline.shards import InputError, ShardSpec, list_shards, safe_shard_id
+from pipeline.spool import SpooledTable
 from pipeline.stub import StubOptions, stub_labels
 from pipeline.worker import LabelWorker, WorkerSpec
 from schemas import annotations_to_label_map
@@ -218,6 +219,9 @@ def test_worker_labels_a_shard_exactly_and_writes_record_last(tmp_path, vocab_fi
     original = storage.put_bytes
     monkeypatch.setattr("pipeline.writer.put_bytes",
                         lambda fs, path, data: (writes.append(path), original(fs, path, data)))
+    upload = SpooledTable.upload  # the rows streamed to a spool file are uploaded whole
+    monkeypatch.setattr(SpooledTable, "upload",
+                        lambda self, fs, path: (writes.append(path), upload(self, fs, path)))
     worker = _worker(tmp_path, vocab_file)
     shard = list_shards(worker.spec.io)[0]
     record = worker.process_shard(shard)
