@@ -223,6 +223,7 @@ def test_s3_faults_through_a_proxy_lose_and_duplicate_nothing(ray_cpus, s3_serve
     finally:
         proxy.stop()
     faults = sum(n for k, n in proxy.counts.items() if k != "requests")
+    print(f"fault proxy: {dict(proxy.counts)}")  # for the README table (pytest -s)
     assert faults >= 5, proxy.counts  # the job's traffic did go through the proxy
     assert summary.status == "complete", summary.record["failed_shards"]
     assert_exactly_once(f"s3://{bucket}/out", ids, s3_server.storage_options)
@@ -295,6 +296,7 @@ def test_seaweedfs_killed_mid_run_and_restarted_then_rerun(ray_cpus, own_seaweed
     except StorageError as exc:  # the final run record could not be written
         first = f"raised {type(exc).__name__}"
     outage[0].join()
+    print(f"SeaweedFS killed mid-run: first run {first}")  # for the README table (pytest -s)
     assert first in ("complete", "incomplete", "raised StorageError"), first
     again = run_job(job, emit=lambda _: None)
     assert again.status == "complete", again.record["failed_shards"]
