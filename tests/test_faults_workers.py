@@ -166,6 +166,32 @@ def test_unreachable_worker_is_killed_before_its_shards_run_again(monkeypatch):
     assert all(e[3] == 1 for e in relaunched)  # second launch: attempt 1 in its writes
 
 
+def test_pending_workers_get_no_shard_and_the_run_gives_up_when_none_can_be_placed():
+    class Pool:  # both workers lost; their replacements were never placed
+        actors, generation, ready, replacements = [object(), object()], [1, 1], [False] * 2, 2
+
+        def check_pending(self) -> list:
+            return []
+
+        def pending_since(self) -> float:
+            return time.monotonic() - 5.0
+
+    spec = lambda i: ShardSpec(f"s{i}", "webdataset", (f"s{i}.tar",), (), "u", "fp")  # noqa: E731
+    plan = SimpleNamespace(todo=[spec(i) for i in range(3)],
+                           job=SimpleNamespace(compute=ComputeConfig(startup_timeout_s=1.0),
+                                               io=IOConfig("i", "o")))
+    failed: list[str] = []
+    progress = SimpleNamespace(shards_done=7, emit=lambda line: None,
+                               shard_failed=lambda shard_id, reason: failed.append(shard_id))
+    scheduler = Scheduler(Pool(), plan, progress)
+    assert scheduler.max_replacements == 2 * 2 * 3 + 7  # grows with the finished shards
+    scheduler._submit()
+    assert not scheduler.running  # a worker that has not answered holds no shard
+    scheduler._check_pending()
+    assert failed == ["s0", "s1", "s2"]
+    assert "no worker could be placed within 1 s" in scheduler.failed[0]["reasons"][-1]
+
+
 # ---------------------------------------------------------------------- node loss
 @pytest.fixture
 def two_nodes(ray_sessions):
