@@ -121,7 +121,7 @@ def _close(plan: JobPlan, progress: Progress, scheduler: Scheduler, pool: Worker
     """Measure the actors, stop them, and write the final run record."""
     resources = _resources(pool)
     resources["workers_lost"] = scheduler.lost
-    resources["workers_unplaced"] = sum(not ok for ok in pool.ready)
+    resources["workers_unplaced"] = len(pool.pending_refs())
     pool.shutdown()
     summary = _finish(plan, progress, scheduler.failed, resources, scheduler.unscheduled, status)
     if scheduler.lost:

@@ -11,8 +11,9 @@ Engine failures are sorted by cause. An image the engine refuses (``ImageInputEr
 ``engine_error`` row. Any other failure of a batch (a CUDA error, ``MemoryError``, a bug) is
 not the images' fault: on a shard's first launch it raises :class:`EngineFault`, which fails
 the attempt (the driver replaces the worker and retries the shard). From the second launch
-on, a failing batch is isolated by running its images one at a time, and only an image that
-fails alone (while others of its batch do not) becomes an ``engine_error`` row.
+on, a failing batch is isolated by running its images one at a time, and an image that fails
+alone becomes an ``engine_error`` row, unless every image of a batch of several fails alone
+(then the engine is at fault, and the attempt fails again).
 """
 
 from __future__ import annotations
