@@ -4,12 +4,15 @@ A worker never holds more than one row group of a shard's rows (``group_rows``, 
 1024): each full group is encoded and appended to a temporary local file, whose size and
 SHA-256 are known when it is closed. The finished file is uploaded in one piece
 (``put_file``: a multipart upload on object stores; on local disks a copy to a temporary name
-renamed into place), so the output object appears whole or not at all.
+renamed into place), so the output object appears whole or not at all. Spool files carry
+their process id; those of processes that no longer exist (workers killed mid-shard) are
+removed when a worker starts (:func:`remove_stale_spools`).
 """
 
 from __future__ import annotations
 
 import collections
+import glob
 import hashlib
 import os
 import shutil
@@ -28,6 +31,7 @@ from .storage import is_local, retry
 
 PARQUET_COMPRESSION = "zstd"
 GROUP_ROWS = 1024
+SPOOL_PREFIX = "cass-spool-"
 
 
 @dataclass
@@ -72,8 +76,8 @@ class RowSpool:
         """
         schema = label_schema()
         self._schema = schema.with_metadata(with_run_metadata(schema, run_metadata))
-        handle, self.path = tempfile.mkstemp(prefix="cass-spool-", suffix=".parquet",
-                                             dir=directory)
+        handle, self.path = tempfile.mkstemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-",
+                                             suffix=".parquet", dir=directory)
         os.close(handle)
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
             self.path, self._schema, compression=PARQUET_COMPRESSION)
@@ -123,3 +127,28 @@ class RowSpool:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def remove_stale_spools(directory: str | None = None) -> int:
+    """Delete spool files left by processes that are gone; returns how many."""
+    removed = 0
+    pattern = os.path.join(directory or tempfile.gettempdir(), f"{SPOOL_PREFIX}*-*.parquet")
+    for path in glob.glob(pattern):
+        pid = os.path.basename(path)[len(SPOOL_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                os.unlink(path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

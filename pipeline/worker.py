@@ -39,7 +39,7 @@ from .engine import EngineSpec, build_engine, choose_device
 from .readers import RawImage, iter_raw_images
 from .record import weight_differences
 from .shards import ShardSpec
-from .spool import RowSpool
+from .spool import RowSpool, remove_stale_spools
 from .storage import filesystem
 from .writer import write_shard
 
@@ -100,6 +100,7 @@ class LabelWorker:
         self._in_fs, _ = filesystem(spec.io.input_uri, spec.io.storage_options)
         self._out_fs, self._out_root = filesystem(spec.io.output_uri, spec.io.storage_options)
         self._run_metadata = dict(spec.run_metadata)
+        remove_stale_spools()  # left by workers killed mid-shard on this node
         self.engine_seconds = 0.0
         self._live: dict[str, int] = {}
         self._beats: dict[str, int] = {}

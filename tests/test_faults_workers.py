@@ -335,7 +335,7 @@ def test_rows_are_spooled_in_row_groups_and_match_the_record(tmp_path):
 
     import pyarrow.parquet as pq
 
-    from pipeline.spool import RowSpool
+    from pipeline.spool import RowSpool, remove_stale_spools
     from pipeline.writer import write_shard
     from schemas import error_row
     from schemas.io import read_label_table
@@ -353,6 +353,12 @@ def test_rows_are_spooled_in_row_groups_and_match_the_record(tmp_path):
     record = write_shard(fs, str(tmp_path / "out"), "s", table, {}, {})
     spool.discard()
     assert not os.path.exists(table.path)
+    stale = tmp_path / f"cass-spool-{2**22 + 7}-x.parquet"  # above Linux's largest pid
+    stale.write_bytes(b"left by a killed worker")
+    live = tmp_path / f"cass-spool-{os.getpid()}-y.parquet"
+    live.write_bytes(b"in use")
+    assert remove_stale_spools(str(tmp_path)) == 1
+    assert not stale.exists() and live.exists()
     data = (tmp_path / "out" / "labels" / "s.parquet").read_bytes()
     assert record["sha256"] == hashlib.sha256(data).hexdigest()
     assert record["bytes"] == len(data) and record["num_images"] == 2500
