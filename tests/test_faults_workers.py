@@ -232,6 +232,9 @@ def test_worker_node_killed_mid_run_finishes_on_the_survivor(two_nodes, tmp_path
     resources = summary.record["resources"]
     assert resources["workers_lost"] == 1 and resources["workers_unplaced"] == 1
     assert time.monotonic() - killed[0] < 60  # not waiting for a worker that cannot start
+    retried = [line for line in lines if "will be retried: worker" in line]
+    assert retried and all(re.search(r"worker (unreachable|died)", x) for x in retried)
+    print("\n".join(retried))  # for the README table (pytest -s)
     assert_exactly_once(str(tmp_path / "out"), ids)
 
 
