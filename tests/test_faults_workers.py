@@ -388,3 +388,14 @@ def test_streaming_tar_reader_keeps_no_member_headers(tmp_path, monkeypatch):
     items = list(iter_raw_images(shard, fsspec.filesystem("file")))
     assert len(items) == 60 and all(i.error is None for i in items)
     assert len(kept) > 120 and max(kept) <= 1  # one header at a time, not all 120
+
+
+def test_key_set_is_exact_across_its_merges():
+    from pipeline.readers import KeySet
+
+    keys = KeySet(buffer=50)
+    for i in range(0, 400, 2):
+        keys.add(f"k{i}")
+    assert all(f"k{i}" in keys for i in range(0, 400, 2))
+    assert not any(f"k{i}" in keys for i in range(1, 400, 2))
+    assert len(keys._sorted) == 200 and not keys._recent  # merged four times
