@@ -4,6 +4,9 @@ One actor per ``gpus_per_actor`` GPUs (Ray pins each to its own devices through
 ``num_gpus`` and ``CUDA_VISIBLE_DEVICES``); CPU actors when the cluster has no GPUs. The first
 actor computes the vocabulary's text embeddings once; every actor (and every replacement of a
 dead one) receives them through the object store.
+
+A replacement is *pending* until it has answered once: it may never be placed (its node is
+gone and no other node has a free GPU), so the scheduler gives it no shard until then.
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ class WorkerPool:
         self.generation: list[int] = []
         self.infos: list[dict] = []
         self.replacements = 0
+        self.ready: list[bool] = []
+        self._pings: dict[int, tuple[Any, float]] = {}  # slot -> (describe ref, since)
         self._embeddings: Any = None
         self._metadata: dict = {}
 
@@ -90,12 +95,16 @@ class WorkerPool:
         """Start every actor, share the embeddings; returns the model identities."""
         self.actors = [self._cls.remote(self.spec) for _ in range(self.resources.num_actors)]
         self.generation = [0] * len(self.actors)
+        self.ready = [True] * len(self.actors)
         timeout = self.plan.job.compute.startup_timeout_s
         deadline = time.monotonic() + timeout
         left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
         try:
-            self._embeddings = self.actors[0].compute_text_embeddings.remote()
+            embeddings = self.actors[0].compute_text_embeddings.remote(True)
             self.infos = ray.get([a.describe.remote() for a in self.actors], timeout=left())
+            # owned and stored by the driver: replacements still get them after the node of
+            # the worker that computed them is gone
+            self._embeddings = ray.put(ray.get(embeddings, timeout=left()))
             models = self.infos[0]["weights_info"]  # every worker checks its own in prepare()
             self.plan.check_weights(models)  # --overwrite: clears an output of other weights
             self._metadata = self.plan.file_metadata(models)
@@ -118,20 +127,58 @@ class WorkerPool:
         return models
 
     def replace(self, index: int) -> None:
-        """Kill (if needed) and recreate the actor in slot ``index``."""
+        """Kill the actor in slot ``index`` (no restart) and start a pending replacement."""
         ray.kill(self.actors[index], no_restart=True)
         self.actors[index] = self._cls.remote(self.spec, self._embeddings, self._metadata)
         self.generation[index] += 1
         self.replacements += 1
+        self.ready[index] = False
+        self._pings[index] = (self.actors[index].describe.remote(), time.monotonic())
+
+    def kill(self, index: int) -> None:
+        """Kill the actor in slot ``index`` for good (the slot is not used again)."""
+        ray.kill(self.actors[index], no_restart=True)
+        self.ready[index] = False
+        self._pings.pop(index, None)
+
+    def pending_refs(self) -> list[Any]:
+        """The first calls of the pending replacements (to wait on with shard results)."""
+        return [ref for ref, _ in self._pings.values()]
+
+    def pending_since(self) -> float | None:
+        """``time.monotonic()`` when the oldest pending replacement was started, or None."""
+        return min((since for _, since in self._pings.values()), default=None)
+
+    def check_pending(self) -> list[tuple[int, str]]:
+        """Mark replacements that answered as ready; returns ``(slot, reason)`` of those
+        that failed to start (their constructor raised or their node died)."""
+        if not self._pings:
+            return []
+        refs = {ref: slot for slot, (ref, _) in self._pings.items()}
+        answered, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        failed = []
+        for ref in answered:
+            slot = refs[ref]
+            del self._pings[slot]
+            try:
+                self.infos.append(ray.get(ref))
+            except RayError as exc:
+                failed.append((slot, error_reason(exc)))
+            else:
+                self.ready[slot] = True
+        return failed
 
     def peak_memory(self, timeout_s: float = 10.0) -> list[int | None]:
-        """Peak resident memory of each live actor in bytes (None when unavailable)."""
-        refs = [a.peak_memory_bytes.remote() for a in self.actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        """Peak resident memory of each live actor in bytes (None when unavailable or not
+        started)."""
+        refs = [a.peak_memory_bytes.remote() if ok else None
+                for a, ok in zip(self.actors, self.ready, strict=True)]
+        asked = [ref for ref in refs if ref is not None]
+        ready = ray.wait(asked, num_returns=len(asked), timeout=timeout_s)[0] if asked else []
         out = []
         for ref in refs:
             try:
-                out.append(ray.get(ref) if ref in ready else None)
+                out.append(ray.get(ref) if ref is not None and ref in ready else None)
             except RayError:
                 out.append(None)
         return out

@@ -1,18 +1,22 @@
 """Read a shard's images as raw bytes, streaming: tar members, Parquet rows, or image files.
 
 Archive member names are only ever used as *keys* (strings in the output); nothing is
-extracted to the filesystem. A shard file that is not a valid archive (corrupt, truncated,
-not a tar/Parquet file) yields one error item for the archive itself, and the items read
-before the damage; the shard still completes.
+extracted to the filesystem. Tar shards are read as a stream and member headers are dropped
+once read; the keys seen so far are kept (to keep them unique) as 8-byte digests. A shard
+file that is not a valid archive (corrupt, truncated, not a tar/Parquet file) yields one
+error item for the archive itself, and the items read before the damage; the shard still
+completes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -87,14 +91,48 @@ def _archive_key(shard: ShardSpec) -> str:
     return shard.paths[0].rsplit("/", 1)[-1]
 
 
+class KeySet:
+    """A set of keys in about 8 bytes each: 64-bit BLAKE2b digests, in a sorted array plus a
+    small set of recent ones (a shard of millions of members stays small).
+
+    Two distinct keys with the same digest (odds about n^2 / 2^65) would only make the second
+    one take its full member name as key: keys stay unique.
+    """
+
+    def __init__(self, buffer: int = 65536) -> None:
+        self._sorted = np.empty(0, dtype=np.uint64)
+        self._recent: set[int] = set()
+        self._buffer = buffer
+
+    @staticmethod
+    def _digest(key: str) -> int:
+        data = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        return int.from_bytes(data, "little")
+
+    def __contains__(self, key: str) -> bool:
+        digest = self._digest(key)
+        if digest in self._recent:
+            return True
+        index = int(np.searchsorted(self._sorted, np.uint64(digest)))
+        return index < len(self._sorted) and int(self._sorted[index]) == digest
+
+    def add(self, key: str) -> None:
+        self._recent.add(self._digest(key))
+        if len(self._recent) >= self._buffer:
+            recent = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
+            self._sorted = np.union1d(self._sorted, recent)
+            self._recent.clear()
+
+
 def _iter_tar(shard: ShardSpec, fs: Any, max_bytes: int | None) -> Iterator[RawImage]:
     path = shard.paths[0]
-    seen: set[str] = set()
+    seen = KeySet()
     with retry(lambda: fs.open(path, "rb", block_size=TAR_BLOCK_BYTES), f"open {path}") as f:
         try:
             with tarfile.open(fileobj=f, mode="r|") as archive:
-                for member in archive:
+                while (member := archive.next()) is not None:
                     item = _tar_item(archive, member, shard, seen, max_bytes)
+                    archive.members.clear()  # tarfile would keep every header otherwise
                     if item is not None:
                         yield item
                 end = archive.offset
@@ -117,7 +155,7 @@ def _ends_cleanly(f: Any, offset: int) -> bool:
 
 
 def _tar_item(archive: tarfile.TarFile, member: tarfile.TarInfo, shard: ShardSpec,
-              seen: set[str], max_bytes: int | None = None) -> RawImage | None:
+              seen: KeySet, max_bytes: int | None = None) -> RawImage | None:
     """A tar member as a RawImage, or None for non-image members (json, txt, dirs...)."""
     name = member.name
     if not member.isfile() or not name.lower().endswith(IMAGE_EXTENSIONS):

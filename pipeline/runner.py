@@ -17,6 +17,15 @@ The output belongs to one run at a time: :func:`pipeline.plan.plan_job` takes it
 labels object and certifies it with a conditional completion record (:mod:`pipeline.writer`),
 so a retried shard whose first worker is still writing cannot appear twice.
 :mod:`pipeline.outcome` writes the final run record.
+
+Workers are killed (``ray.kill``, no restart) before any of their shards is launched again, so
+no two launches of one shard are live at once as far as the driver knows; an unreachable
+worker (``ActorUnavailableError``: "may or may not have been executed") is killed like a dead
+one. Every launch carries its number (``attempt``) to the worker's writes. A replacement
+worker gets shards only once it has answered (it may never be placed when its node is gone):
+retries go to the live workers, and the run finishes on the survivors. An engine failure that
+is not about the images (:class:`pipeline.worker.EngineFault`) fails the attempt and restarts
+the worker. The replacement budget grows by one with every finished shard.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 
 from .config import public_uri
 from .outcome import (
@@ -50,7 +59,7 @@ from .plan import JobConfig, JobPlan, StartupError, plan_job
 from .pool import WorkerPool, actor_resources, error_reason
 from .progress import Progress, emit_stderr
 from .shards import ShardSpec
-from .worker import WorkerSpec
+from .worker import EngineFault, WorkerSpec
 
 __all__ = ["EXIT_INCOMPLETE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_TERMINATED", "RunSummary",
            "Scheduler", "abandon", "execute_plan", "exit_code_of", "run_job"]
@@ -141,9 +150,15 @@ def _close(plan: JobPlan, progress: Progress, scheduler: Scheduler, pool: Worker
            status: str | None = None, exit_code: int | None = None) -> RunSummary:
     """Measure the actors, stop them, and write the final run record."""
     resources = _resources(pool)
+    resources["workers_lost"] = scheduler.lost
+    resources["workers_unplaced"] = len(pool.pending_refs())
     pool.shutdown()
-    return finish(plan, progress, scheduler.failed, resources, scheduler.unscheduled, status,
-                   exit_code)
+    summary = finish(plan, progress, scheduler.failed, resources, scheduler.unscheduled,
+                     status, exit_code)
+    if scheduler.lost:
+        progress.emit(f"[cass-label] {scheduler.lost} worker(s) lost during the run; "
+                      f"{resources['workers_unplaced']} replacement(s) could not be placed")
+    return summary
 
 
 def _start_pool(plan: JobPlan, emit: Callable[[str], None]) -> WorkerPool:
@@ -176,9 +191,9 @@ def _resources(pool: WorkerPool | None) -> dict:
 @dataclass
 class _Task:
     shard: ShardSpec
-    attempt: int = 0
+    attempt: int = 0  # failed attempts (count against --max-attempts)
+    launches: int = 0  # times sent to a worker (the ``attempt`` number of its writes)
     reasons: list[str] = field(default_factory=list)
-    launches: int = 0  # names each launch's labels object (requeues launch again)
 
 
 @dataclass
@@ -205,7 +220,9 @@ class Scheduler:
         self.load = [0] * len(pool.actors)
         self.solo: set[int] = set()
         self.failed: list[dict] = []
-        self.max_replacements = len(pool.actors) * compute.max_attempts * 2
+        self.base_replacements = len(pool.actors) * compute.max_attempts * 2
+        self.placement_timeout = compute.startup_timeout_s
+        self.lost = 0  # workers that died or became unreachable during the run
         self.budget = plan.job.io.limit
         self.dead: set[int] = set()  # slots whose worker was not replaced (run abandoned)
         self.draining: int | None = None  # slot left to empty for a waiting retry
@@ -216,18 +233,31 @@ class Scheduler:
         self.poll_every = min(self.interval, 10.0, (self.stall_timeout or 60.0) / 4)
         self._polled_at = time.monotonic()
 
+    @property
+    def max_replacements(self) -> int:
+        """Worker replacements allowed so far: a base, plus one per finished shard (nodes
+        preempted over a long night do not exhaust it; a worker-killing loop still stops)."""
+        done = self.progress.shards_done if self.progress is not None else 0
+        return self.base_replacements + done
+
+    def _usable(self, slot: int) -> bool:
+        """Whether a slot's worker may get shards (started, and not given up)."""
+        return slot not in self.dead and self.pool.ready[slot]
+
     def run(self) -> list[dict]:
         """Label every shard; returns the failed shards with their reasons."""
         while self.fresh or self.retries or self.running:
             if self.lease is not None and self.lease.lost.is_set() and not self.abandoned:
                 self._abandon("this run lost the output's lease to another run")
             self._submit()
-            if not self.running:
+            waits = list(self.running) + self.pool.pending_refs()
+            if not waits:
                 break
-            ready, _ = ray.wait(list(self.running), num_returns=1,
-                                timeout=min(self.poll_every, 5.0))
+            ready, _ = ray.wait(waits, num_returns=1, timeout=min(self.poll_every, 5.0))
             for ref in ready:
-                self._collect(ref)
+                if ref in self.running:
+                    self._collect(ref)
+            self._check_pending()
             if time.monotonic() - self._polled_at >= self.poll_every:
                 self._poll()
             if self.progress.due():
@@ -274,25 +304,55 @@ class Scheduler:
 
     def _restart_stalled(self, slot: int, now: float) -> None:
         """Kill and replace a worker with a stalled shard; retry or requeue its shards."""
-        refs = [ref for ref, run in self.running.items() if run.slot == slot]
-        for ref in refs:
-            run = self.running.pop(ref)
-            self.load[slot] -= 1
+        for run in self._take_running(slot):
             if self._idle(run, now) > 0:
                 idle = now - (run.beat_at or run.launched_at)
                 self._retry(run, f"stalled: nothing finished for {idle:.0f} s "
                                  f"(--stall-timeout {self.stall_timeout:g}); worker restarted")
             else:
-                if run.cap is not None:
-                    self.budget += run.cap
-                self.fresh.appendleft(run.task)
+                self._requeue(run)
+        self._replace_or_drop(slot, "too many worker restarts")
+
+    def _take_running(self, slot: int) -> list[_Running]:
+        """Remove every shard running on a slot from the running set (its worker is about to
+        be killed)."""
+        refs = [ref for ref, run in self.running.items() if run.slot == slot]
+        runs = [self.running.pop(ref) for ref in refs]
+        self.load[slot] -= len(runs)
         self.solo.discard(slot)
+        return runs
+
+    def _requeue(self, run: _Running) -> None:
+        """Put a shard back at the front of the queue without using an attempt."""
+        if run.cap is not None:
+            self.budget += run.cap
+        self.fresh.appendleft(run.task)
+
+    def _replace_or_drop(self, slot: int, why: str) -> None:
+        """Kill a slot's worker and start a replacement, or, with the replacement budget
+        spent, kill it for good and stop scheduling."""
         if self.pool.replacements >= self.max_replacements:
             self.dead.add(slot)
-            self._abandon("too many worker restarts")
-            ray.kill(self.pool.actors[slot], no_restart=True)
+            self.pool.kill(slot)
+            self._abandon(why)
             return
         self.pool.replace(slot)
+
+    def _check_pending(self) -> None:
+        """Replacements that failed to start are replaced again; with no worker usable, give
+        up once the oldest pending one has waited ``--startup-timeout``."""
+        for slot, reason in self.pool.check_pending():
+            self.lost += 1
+            self.progress.emit(f"[cass-label] a replacement worker failed to start: {reason}")
+            self._replace_or_drop(slot, "too many worker deaths")
+        since = self.pool.pending_since()
+        if since is None or self.abandoned is not None:
+            return
+        if any(self._usable(s) for s in range(len(self.pool.actors))):
+            return
+        if time.monotonic() - since > self.placement_timeout:
+            self._abandon(f"no worker could be placed within {self.placement_timeout:g} s "
+                          "(--startup-timeout) after the workers were lost")
 
     @property
     def unscheduled(self) -> int:
@@ -301,7 +361,7 @@ class Scheduler:
     def _submit(self) -> None:
         self._choose_draining()
         for slot in range(len(self.pool.actors)):
-            if slot in self.dead:
+            if not self._usable(slot):
                 continue
             while self.load[slot] < self.per_actor and slot not in self.solo:
                 task = self._next_task(slot)
@@ -312,10 +372,10 @@ class Scheduler:
     def _choose_draining(self) -> None:
         """With retries waiting and no idle worker, stop feeding the least loaded worker so
         that it soon runs a retry alone (instead of every retry waiting for the end)."""
-        live = [s for s in range(len(self.pool.actors)) if s not in self.dead]
+        live = [s for s in range(len(self.pool.actors)) if self._usable(s)]
         if not self.retries or not live:
             self.draining = None
-        elif self.draining is None or self.draining in self.dead:
+        elif self.draining is None or self.draining not in live:
             self.draining = min(live, key=lambda s: self.load[s])
 
     def _next_task(self, slot: int) -> _Task | None:
@@ -333,7 +393,7 @@ class Scheduler:
     def _free_capacity(self) -> int:
         """Shards that could be launched right now (for sharing the --limit budget)."""
         return sum(max(0, self.per_actor - self.load[s]) for s in range(len(self.load))
-                   if s not in self.dead and s not in self.solo and s != self.draining)
+                   if self._usable(s) and s not in self.solo and s != self.draining)
 
     def _launch(self, slot: int, task: _Task) -> None:
         cap = self.budget  # --limit: what is left, shared with the shards that can start now
@@ -355,23 +415,40 @@ class Scheduler:
         try:
             record = ray.get(ref)
         except RayActorError as exc:
-            self._actor_died(run)
-            self._retry(run, f"worker died: {error_reason(exc)}")
+            gone = "unreachable" if isinstance(exc, ActorUnavailableError) else "died"
+            self._lose_worker(run, f"worker {gone}: {error_reason(exc)}")
         except RayError as exc:
-            self._retry(run, error_reason(exc))
+            if isinstance(getattr(exc, "cause", None), EngineFault):
+                self._engine_fault(run, error_reason(exc))
+            else:
+                self._retry(run, error_reason(exc))
         else:
             self.progress.shard_done(record)
             if run.cap is not None:
                 self.budget += run.cap - int(record["num_images"])
 
-    def _actor_died(self, run: _Running) -> None:
+    def _lose_worker(self, run: _Running, reason: str) -> None:
+        """A worker died or is unreachable (it may still run: a zombie). It is killed before
+        any of its shards is retried; each of them is retried alone (one may be the cause)."""
+        if self.pool.generation[run.slot] != run.generation:  # already killed and replaced
+            self._retry(run, reason)
+            return
+        self.lost += 1
+        for other in [run, *self._take_running(run.slot)]:
+            self._retry(other, reason)
+        self._replace_or_drop(run.slot, "too many worker deaths")
+
+    def _engine_fault(self, run: _Running, reason: str) -> None:
+        """The engine failed for a reason that is not about the images: the attempt fails
+        and the worker (its device state is suspect, e.g. after a CUDA error) is restarted;
+        its other shards are requeued at no cost."""
         if self.pool.generation[run.slot] != run.generation:
+            self._retry(run, reason)
             return
-        if self.pool.replacements >= self.max_replacements:
-            self.dead.add(run.slot)
-            self._abandon("too many worker deaths")
-            return
-        self.pool.replace(run.slot)
+        for other in self._take_running(run.slot):
+            self._requeue(other)
+        self._retry(run, reason + "; worker restarted")
+        self._replace_or_drop(run.slot, "too many worker restarts")
 
     def _retry(self, run: _Running, reason: str) -> None:
         if run.cap is not None:

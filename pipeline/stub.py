@@ -32,6 +32,8 @@ class StubOptions:
         die_after_images: kill the worker process after this many images, once per run
             (a marker file in ``marker_dir`` records that it happened).
         hang_on_height: block forever (a hung accelerator call) on images of this height.
+        oom_after_images: raise ``MemoryError`` (a transient engine fault, not about any image)
+            after this many images, once per run (marker ``stub-oom`` in ``marker_dir``).
         startup_seconds: time the engine takes to build (slow weight staging).
         marker_dir: directory for the ``die_after_images`` marker.
     """
@@ -41,6 +43,7 @@ class StubOptions:
     die_on_height: int | None = None
     die_after_images: int | None = None
     hang_on_height: int | None = None
+    oom_after_images: int | None = None
     startup_seconds: float = 0.0
     marker_dir: str | None = None
 
@@ -134,6 +137,9 @@ class StubSegmenter:
         if opts.die_after_images is not None and self._images_seen > opts.die_after_images:
             if _claim_marker(opts.marker_dir):
                 _die()
+        if opts.oom_after_images is not None and self._images_seen > opts.oom_after_images:
+            if _claim_marker(opts.marker_dir, "stub-oom"):
+                raise MemoryError("stub engine: out of memory (simulated)")
 
 
 def _stub_result(image: np.ndarray, num_classes: int) -> StubResult:
@@ -153,11 +159,11 @@ def _stub_result(image: np.ndarray, num_classes: int) -> StubResult:
     )
 
 
-def _claim_marker(marker_dir: str | None) -> bool:
+def _claim_marker(marker_dir: str | None, name: str = "stub-died") -> bool:
     """True for the first caller across processes (creates the marker file)."""
     if marker_dir is None:
         return True
-    path = Path(marker_dir) / "stub-died"
+    path = Path(marker_dir) / name
     try:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:

@@ -6,11 +6,20 @@ for them; the engine itself is called under a lock, so two shards can be in flig
 worker (one decoding or writing while the other uses the engine). Queues are bounded: at
 most ``batch_size * prefetch_batches`` decoded images ahead of the engine, and at most
 ``2 * batch_size`` results waiting for encoding.
+
+Engine failures are sorted by cause. An image the engine refuses (``ImageInputError``) is an
+``engine_error`` row. Any other failure of a batch (a CUDA error, ``MemoryError``, a bug) is
+not the images' fault: on a shard's first launch it raises :class:`EngineFault`, which fails
+the attempt (the driver replaces the worker and retries the shard). From the second launch
+on, a failing batch is isolated by running its images one at a time, and an image that fails
+alone becomes an ``engine_error`` row, unless every image of a batch of several fails alone
+(then the engine is at fault, and the attempt fails again).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import resource
 import threading
 import time
@@ -31,10 +40,22 @@ from .lease import check_holder
 from .readers import RawImage, iter_raw_images
 from .record import weight_differences
 from .shards import ShardSpec
+from .spool import RowSpool, remove_stale_spools
 from .storage import filesystem
 from .writer import write_shard
 
 Item = tuple[RawImage, DecodedImage]
+
+
+class EngineFault(RuntimeError):
+    """The engine failed for a reason that is not about the images: the shard attempt fails
+    (it is retried on another worker) instead of writing error rows."""
+
+
+def is_image_error(exc: BaseException) -> bool:
+    """Whether an engine exception is about the image itself (``ImageInputError``; matched by
+    name so that the driver never imports the engine)."""
+    return any(cls.__name__ == "ImageInputError" for cls in type(exc).__mro__)
 
 
 @dataclass(frozen=True)
@@ -83,6 +104,7 @@ class LabelWorker:
         self._in_fs, _ = filesystem(spec.io.input_uri, spec.io.storage_options)
         self._out_fs, self._out_root = filesystem(spec.io.output_uri, spec.io.storage_options)
         self._run_metadata = dict(spec.run_metadata)
+        remove_stale_spools()  # left by workers killed mid-shard on this node
         self.engine_seconds = 0.0
         self._live: dict[str, int] = {}
         self._beats: dict[str, int] = {}
@@ -99,13 +121,22 @@ class LabelWorker:
             "device": self.device, "weights_info": getattr(self.engine, "weights_info", {}),
         }
 
-    def compute_text_embeddings(self) -> Any:
-        """Embed the configured vocabulary (done once per job, on one worker)."""
+    def compute_text_embeddings(self, as_bytes: bool = False) -> Any:
+        """Embed the configured vocabulary (done once per job, on one worker).
+
+        Args:
+            as_bytes: return them pickled, so that the driver can own a copy without
+                importing the engine (a copy that outlives this worker's node).
+        """
         with self._lock:
-            return self.engine.set_vocabulary(None)
+            embeddings = self.engine.set_vocabulary(None)
+        return pickle.dumps(embeddings) if as_bytes else embeddings
 
     def prepare(self, text_embeddings: Any, run_metadata: Mapping | None = None) -> bool:
-        """Adopt shared text embeddings and the file metadata of this run."""
+        """Adopt shared text embeddings (or their pickle from this run's driver) and the file
+        metadata of this run."""
+        if isinstance(text_embeddings, bytes):
+            text_embeddings = pickle.loads(text_embeddings)  # noqa: S301 - our own workers'
         if run_metadata is not None:
             expected = run_metadata.get("run", {}).get("models") or {}
             changed = weight_differences(expected, getattr(self.engine, "weights_info", {}))
@@ -138,10 +169,14 @@ class LabelWorker:
             shard: the shard.
             max_images: stop after this many images (``--limit``); the record says
                 ``truncated`` when images were left out.
-            attempt: the shard's attempt in this run (names its table).
+            attempt: the shard's launch number in this run (0: first launch): names its
+                table, and from 1 on failing batches are isolated.
 
         Returns:
             The completion record, plus ``engine_seconds`` spent in the engine.
+
+        Raises:
+            EngineFault: the engine failed for a reason that is not about the images.
         """
         started = time.monotonic()
         engine_before = self.engine_seconds
@@ -151,12 +186,17 @@ class LabelWorker:
                                 max_encoded_bytes(self.spec.io.max_image_pixels))
         if max_images is not None:
             items = islice(items, max_images + 1)
+        spool = RowSpool(self._run_metadata)
         try:
-            rows = self.label_items(shard.shard_id, items)
+            truncated = False
+            for row in self.iter_rows(shard.shard_id, items, isolate=attempt > 0):
+                if max_images is not None and spool.num_rows >= max_images:
+                    truncated = True
+                    break
+                spool.add(row)
+            rows = spool.close()
             self._live.pop(shard.shard_id, None)
             self._beat(shard.shard_id)
-            truncated = max_images is not None and len(rows) > max_images
-            rows = rows[:max_images] if truncated else rows
             extra = {"source_uri": shard.source_uri, "fingerprint": self.spec.fingerprint,
                      "input_fingerprint": shard.fingerprint, "truncated": truncated,
                      "worker": {"pid": os.getpid(), "device": self.device}}
@@ -164,6 +204,7 @@ class LabelWorker:
                                  self._run_metadata, extra, self.spec.run_id or "local",
                                  attempt, self._fence)
         finally:
+            spool.discard()
             with self._live_lock:
                 self._live.pop(shard.shard_id, None)
                 self._beats.pop(shard.shard_id, None)
@@ -175,22 +216,36 @@ class LabelWorker:
         if self.spec.run_id:
             check_holder(self._out_fs, self._out_root, self.spec.run_id)
 
-    def label_items(self, shard_id: str, items: Iterable[RawImage]) -> list[dict]:
-        """Rows for raw images, in input order."""
+    def label_items(self, shard_id: str, items: Iterable[RawImage],
+                    isolate: bool = False) -> list[dict]:
+        """Rows for raw images, in input order (see :meth:`iter_rows`)."""
+        return list(self.iter_rows(shard_id, items, isolate))
+
+    def iter_rows(self, shard_id: str, items: Iterable[RawImage],
+                  isolate: bool = False) -> Iterator[dict]:
+        """Rows for raw images, in input order, as they are finished (at most a few batches
+        of them are in memory).
+
+        Args:
+            isolate: run a failing batch one image at a time and write the images that fail
+                alone as error rows (a retried shard); else such a failure raises.
+
+        Raises:
+            EngineFault: see the module docstring.
+        """
         compute = self.spec.compute
         decoded = _ordered_map(self._pool, self._load_and_decode, items,
                                compute.batch_size * compute.prefetch_batches)
-        futures: list[Future] = []
         pending: deque[Future] = deque()
         self._live[shard_id] = 0
         for batch in _batched(decoded, compute.batch_size):
-            for future in self._label_batch(shard_id, batch):
+            for future in self._label_batch(shard_id, batch, isolate):
                 future.add_done_callback(lambda _, sid=shard_id: self._count_row(sid))
-                futures.append(future)
                 pending.append(future)
             while len(pending) > 2 * compute.batch_size:
-                pending.popleft().result()
-        return [f.result() for f in futures]
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
     def _count_row(self, shard_id: str) -> None:
         with self._live_lock:
@@ -214,9 +269,9 @@ class LabelWorker:
         item.data = None
         return item, decode_image(data, self.spec.io.max_image_pixels)
 
-    def _label_batch(self, shard_id: str, batch: list[Item]) -> list[Future]:
+    def _label_batch(self, shard_id: str, batch: list[Item], isolate: bool) -> list[Future]:
         ok = [(item, dec) for item, dec in batch if dec.status == "ok"]
-        results = iter(self._segment([dec.rgb for _, dec in ok]))
+        results = iter(self._segment([dec.rgb for _, dec in ok], isolate))
         futures = []
         num_classes = self.engine.vocabulary.num_classes
         for item, dec in batch:
@@ -229,24 +284,41 @@ class LabelWorker:
                                              self.spec.io.confidence))
         return futures
 
-    def _segment(self, images: list) -> list:
-        """Engine results (or the exception of a failed image), one per image."""
+    def _segment(self, images: list, isolate: bool = False) -> list:
+        """Engine results (or the exception of an image that failed alone), one per image.
+
+        Raises:
+            EngineFault: the batch failed for a reason that is not about its images.
+        """
         if not images:
             return []
         with self._lock:
             started = time.monotonic()
             try:
                 return self.engine.segment(images, return_logits=False, return_probs=False)
-            except Exception:  # noqa: BLE001 - isolate the failing image(s) below
-                return [self._segment_one(image) for image in images]
+            except Exception as exc:  # noqa: BLE001 - sorted by cause below
+                if not (isolate or is_image_error(exc)):
+                    raise _fault(exc, len(images)) from exc
+                results = [self._segment_one(image) for image in images]
             finally:
                 self.engine_seconds += time.monotonic() - started
+        faults = [r for r in results if isinstance(r, Exception) and not is_image_error(r)]
+        if faults and (not isolate or len(faults) == len(images) > 1):
+            raise _fault(faults[0], len(images), len(faults)) from faults[0]
+        return results
 
     def _segment_one(self, image: Any) -> Any:
         try:
             return self.engine.segment([image], return_logits=False, return_probs=False)[0]
-        except Exception as exc:  # noqa: BLE001 - becomes an engine_error row
+        except Exception as exc:  # noqa: BLE001 - the caller decides: error row or fault
             return exc
+
+
+def _fault(exc: BaseException, batch: int, alone: int | None = None) -> EngineFault:
+    where = f"a batch of {batch} image(s)" if alone is None else \
+        f"{alone} of {batch} image(s) run one at a time"
+    return EngineFault(f"engine failed on {where}, not because of an image: "
+                       f"{type(exc).__name__}: {str(exc)[:300]}")
 
 
 def _encode(shard_id: str, item: RawImage, dec: DecodedImage, result: Any,

@@ -26,6 +26,7 @@ from schemas.completion import labels_object_name, record_labels_name
 from schemas.io import done_path
 
 from .conditional import PreconditionFailed, create_object, read_object
+from .spool import SpooledTable
 from .storage import put_bytes, remove_object
 
 PARQUET_COMPRESSION = "zstd"
@@ -55,7 +56,7 @@ class ShardSuperseded(RuntimeError):
     """The shard's completion record was created by a run with another fingerprint."""
 
 
-def write_shard(fs: Any, root: str, shard_id: str, rows: Sequence[Mapping],
+def write_shard(fs: Any, root: str, shard_id: str, rows: Sequence[Mapping] | SpooledTable,
                 run_metadata: Mapping, extra: Mapping, run_id: str = "local", attempt: int = 0,
                 before_certify: Callable[[], None] | None = None) -> dict:
     """Upload the attempt's table, then certify it (conditional completion record).
@@ -63,7 +64,8 @@ def write_shard(fs: Any, root: str, shard_id: str, rows: Sequence[Mapping],
     Args:
         fs, root: output filesystem and root path.
         shard_id: the shard's id.
-        rows: the shard's rows, in shard order.
+        rows: the shard's rows, in shard order, or their finished spool file (workers stream
+            rows to one: :mod:`pipeline.spool`; ``run_metadata`` is then already in it).
         run_metadata: JSON stored in the Parquet file metadata.
         extra: more fields for the completion record (fingerprints, source, worker).
         run_id, attempt: the writing run and the shard's attempt in it (name the table).
@@ -74,12 +76,17 @@ def write_shard(fs: Any, root: str, shard_id: str, rows: Sequence[Mapping],
         The completion record that holds: this attempt's, or (``superseded_attempt`` set)
         the one an earlier attempt of the same configuration created first.
     """
-    data = table_bytes(rows, run_metadata)
     name = labels_object_name(shard_id, run_id, attempt)
-    put_bytes(fs, f"{root}/{name}", data)
+    if isinstance(rows, SpooledTable):
+        rows.upload(fs, f"{root}/{name}")
+        counts, size, digest = rows.counts, rows.num_bytes, rows.sha256
+    else:
+        data = table_bytes(rows, run_metadata)
+        put_bytes(fs, f"{root}/{name}", data)
+        counts, size, digest = shard_counts(rows), len(data), hashlib.sha256(data).hexdigest()
     record = {
-        "shard_id": shard_id, **shard_counts(rows), "labels": name, "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(), "run_id": run_id, "attempt": attempt,
+        "shard_id": shard_id, **counts, "labels": name, "bytes": size, "sha256": digest,
+        "run_id": run_id, "attempt": attempt,
         "written_at": _now(), **extra,
     }
     return certify(fs, root, record, before_certify)

@@ -29,6 +29,7 @@ from pipeline.plan import JobConfig, OutputPolicy, StartupError, plan_job
 from pipeline.readers import iter_raw_images, tar_key
 from pipeline.record import OutputConflict, check_compatible
 from pipeline.shards import InputError, ShardSpec, list_shards, safe_shard_id
+from pipeline.spool import SpooledTable
 from pipeline.stub import StubOptions, stub_labels
 from pipeline.worker import LabelWorker, WorkerSpec
 from schemas import SCHEMA_VERSION, annotations_to_label_map
@@ -227,6 +228,9 @@ def test_worker_labels_a_shard_exactly_and_writes_record_last(tmp_path, vocab_fi
                         lambda fs, path, data: (writes.append(path), original(fs, path, data)))
     monkeypatch.setattr("pipeline.writer.create_object",
                         lambda fs, path, data: (writes.append(path), create(fs, path, data))[1])
+    upload = SpooledTable.upload  # the rows streamed to a spool file are uploaded whole
+    monkeypatch.setattr(SpooledTable, "upload",
+                        lambda self, fs, path: (writes.append(path), upload(self, fs, path)))
     worker = _worker(tmp_path, vocab_file)
     shard = list_shards(worker.spec.io)[0]
     record = worker.process_shard(shard)
@@ -249,15 +253,74 @@ def test_worker_labels_a_shard_exactly_and_writes_record_last(tmp_path, vocab_fi
     assert meta["schema_version"] == SCHEMA_VERSION
 
 
-def test_engine_failure_on_one_image_becomes_an_error_row(tmp_path, vocab_file):
+def test_engine_failure_on_one_image_fails_the_attempt_then_is_isolated_on_retry(
+        tmp_path, vocab_file):
+    from pipeline.worker import EngineFault
+
     (tmp_path / "in").mkdir()
     for name, side in (("a.png", 96), ("b.png", 50), ("c.png", 70)):
         (tmp_path / "in" / name).write_bytes(encode(photo("astronaut", side)))
     worker = _worker(tmp_path, vocab_file, StubOptions(fail_on_height=50))
-    worker.process_shard(list_shards(worker.spec.io)[0])
+    shard = list_shards(worker.spec.io)[0]
+    with pytest.raises(EngineFault, match="not because of an image: RuntimeError"):
+        worker.process_shard(shard)  # first launch: no error rows, nothing written
+    assert not (tmp_path / "out" / "labels").exists()
+    record = worker.process_shard(shard, attempt=1)  # a retry: the batch is run one by one
     table, _ = read_label_table(_certified(tmp_path / "out", "images-000000"))
     statuses = [r["status"] for r in table.to_pylist()]
-    assert statuses == ["ok", "engine_error", "ok"]
+    assert statuses == ["ok", "engine_error", "ok"] and record["attempt"] == 1
+
+
+def test_transient_engine_faults_are_never_error_rows(tmp_path, vocab_file):
+    from pipeline.worker import EngineFault
+
+    (tmp_path / "in").mkdir()
+    for i in range(7):
+        (tmp_path / "in" / f"im{i}.png").write_bytes(encode(photo("coffee", 40 + i)))
+    worker = _worker(tmp_path, vocab_file,
+                     StubOptions(oom_after_images=4, marker_dir=str(tmp_path)))
+    shard = list_shards(worker.spec.io)[0]
+    with pytest.raises(EngineFault, match="MemoryError"):  # in the second batch of three
+        worker.process_shard(shard)
+    assert not (tmp_path / "out" / "labels").exists()
+    worker.process_shard(shard, attempt=1)  # the fault is gone: every image labelled
+    table, _ = read_label_table(_certified(tmp_path / "out", "images-000000"))
+    assert [r["status"] for r in table.to_pylist()] == ["ok"] * 7
+
+    class BrokenEngine:  # a device that fails every call, even for one image
+        vocabulary = worker.engine.vocabulary
+
+        def segment(self, images, **_):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    worker.engine = BrokenEngine()
+    with pytest.raises(EngineFault, match="3 of 3 image.*run one at a time.*CUDA error"):
+        worker.process_shard(shard, attempt=2)  # a retry: isolation shows it is not an image
+
+
+def test_images_the_engine_refuses_are_error_rows_on_the_first_attempt(tmp_path, vocab_file):
+    from cass_engine import ImageInputError
+
+    (tmp_path / "in").mkdir()
+    for i in range(4):
+        (tmp_path / "in" / f"im{i}.png").write_bytes(encode(photo("coffee", 40 + i)))
+    worker = _worker(tmp_path, vocab_file)
+    stub = worker.engine
+
+    class PickyEngine:
+        vocabulary = stub.vocabulary
+
+        def segment(self, images, **kwargs):
+            if any(image.shape[1] == 41 for image in images):  # width 41
+                raise ImageInputError("too elongated")
+            return stub.segment(images, **kwargs)
+
+    worker.engine = PickyEngine()
+    worker.process_shard(list_shards(worker.spec.io)[0])
+    table, _ = read_label_table(_certified(tmp_path / "out", "images-000000"))
+    rows = table.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "engine_error", "ok", "ok"]
+    assert "too elongated" in rows[1]["error"]
 
 
 def test_undecodable_names_and_odd_decoder_failures_are_rows_not_failed_shards(
@@ -608,12 +671,12 @@ def test_waiting_retry_gets_a_worker_before_the_fresh_shards_run_out():
     class Actor:
         def __init__(self, slot: int) -> None:
             self.process_shard = SimpleNamespace(
-                remote=lambda shard, cap, slot=slot: (slot, shard.shard_id))
+                remote=lambda shard, cap, attempt, slot=slot: (slot, shard.shard_id))
 
     spec = lambda i: ShardSpec(f"s{i}", "webdataset", (f"s{i}.tar",), (), "u", "fp")  # noqa: E731
     plan = SimpleNamespace(todo=[spec(i) for i in range(20)],
                            job=SimpleNamespace(compute=ComputeConfig(), io=IOConfig("i", "o")))
-    pool = SimpleNamespace(actors=[Actor(0), Actor(1)], generation=[0, 0])
+    pool = SimpleNamespace(actors=[Actor(0), Actor(1)], generation=[0, 0], ready=[True, True])
     scheduler = Scheduler(pool, plan, progress=None)
     scheduler._submit()
     assert scheduler.load == [2, 2] and len(scheduler.fresh) == 16
@@ -651,7 +714,8 @@ def test_limit_budget_is_shared_by_the_shards_that_start_together():
     plan = SimpleNamespace(todo=[spec(i) for i in range(9)],
                            job=SimpleNamespace(compute=ComputeConfig(),
                                                io=IOConfig("i", "o", limit=5)))
-    scheduler = Scheduler(SimpleNamespace(actors=[Actor(), Actor()], generation=[0, 0]),
+    scheduler = Scheduler(SimpleNamespace(actors=[Actor(), Actor()], generation=[0, 0],
+                                          ready=[True, True]),
                           plan, progress=None)
     scheduler._submit()
     caps = sorted(run.cap for run in scheduler.running.values())
