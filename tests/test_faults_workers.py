@@ -27,22 +27,25 @@ from ray.exceptions import ActorUnavailableError
 from cass_engine import CassConfig
 from pipeline.config import ComputeConfig, IOConfig
 from pipeline.engine import EngineSpec
-from pipeline.plan import JobConfig
+from pipeline.plan import JobConfig, OutputPolicy
 from pipeline.runner import Scheduler, run_job
 from pipeline.shards import ShardSpec
 from pipeline.storage import StorageError
 from pipeline.stub import StubOptions
+from schemas import SCHEMA_VERSION
 from schemas.io import completed_shards, iter_label_rows, read_run_record
 
 
 def _job(input_uri: str, output_uri: str, vocab: Path, options: dict | None = None,
          stub: StubOptions | None = None, io: dict | None = None, **compute) -> JobConfig:
+    """A stub-engine job; a local output counts as shared (every test node is this machine)."""
     config = CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab))
     return JobConfig(
         IOConfig(input_uri, output_uri, max_image_pixels=1_000_000,
                  storage_options=options or {}, **(io or {})),
         ComputeConfig(**{"batch_size": 2, "progress_interval_s": 0.2, **compute}),
-        EngineSpec(config, stub=stub or StubOptions()))
+        EngineSpec(config, stub=stub or StubOptions()),
+        policy=OutputPolicy(output_is_shared=True))
 
 
 def _image_files(directory: Path, count: int) -> list[str]:
@@ -93,7 +96,7 @@ def test_transient_engine_faults_are_retried_and_bad_images_isolated(ray_cpus, t
     summary = run_job(_job(str(tmp_path / "in"), str(tmp_path / "oom"), vocab_file, stub=stub,
                            io={"images_per_shard": 2}, actors=2), emit=lambda _: None)
     assert (tmp_path / "stub-oom").exists()  # the fault happened once
-    assert summary.status == "complete" and summary.record["totals"]["retries"] == 1
+    assert summary.status == "complete" and summary.record["this_run"]["retries"] == 1
     assert summary.record["totals"]["images_error"] == 0  # a MemoryError is no image's fault
     assert summary.record["resources"]["worker_replacements"] == 1
     assert_exactly_once(str(tmp_path / "oom"), ids)
@@ -105,7 +108,7 @@ def test_transient_engine_faults_are_retried_and_bad_images_isolated(ray_cpus, t
     summary = run_job(_job(str(tmp_path / "in"), str(tmp_path / "bad"), vocab_file,
                            stub=StubOptions(fail_on_height=37), io={"images_per_shard": 2},
                            actors=2), emit=lambda _: None)
-    assert summary.status == "complete" and summary.record["totals"]["retries"] == 1
+    assert summary.status == "complete" and summary.record["this_run"]["retries"] == 1
     rows = assert_exactly_once(str(tmp_path / "bad"), ids, ok_only=False)
     errors = {r["image_id"]: r["status"] for r in rows if r["status"] != "ok"}
     assert errors == {"images-000002/im05.png": "engine_error"}
@@ -370,7 +373,7 @@ def test_rows_are_spooled_in_row_groups_and_match_the_record(tmp_path):
     assert record["errors_by_status"] == {"decode_error": 1666, "empty": 834}
     read, meta = read_label_table(str(labels))
     assert read.column("key").to_pylist() == [r["key"] for r in rows]
-    assert meta["schema_version"] == "1.0"
+    assert meta["schema_version"] == SCHEMA_VERSION
 
 
 def test_streaming_tar_reader_keeps_no_member_headers(tmp_path, monkeypatch):

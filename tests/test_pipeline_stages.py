@@ -403,18 +403,20 @@ def test_damaged_parquet_pages_end_the_shard_with_an_error_row(tmp_path, vocab_f
 def test_storage_errors_during_write_are_retried(tmp_path, vocab_file, monkeypatch):
     _write_images(tmp_path / "in", ["a.png"])
     worker = _worker(tmp_path, vocab_file)
-    real_pipe, failures = worker._out_fs.pipe_file, []
+    real_put, failures = worker._out_fs.put_file, []
 
-    def flaky_pipe(path, data, **kwargs):
+    def flaky_put(lpath, rpath, **kwargs):  # the spooled table's upload, as to an object store
         if len(failures) < 2:
-            failures.append(path)
+            failures.append(rpath)
             raise ConnectionResetError("reset")
-        return real_pipe(path, data, **kwargs)
+        worker._out_fs.makedirs(rpath.rsplit("/", 1)[0], exist_ok=True)  # stores have no dirs
+        return real_put(lpath, rpath, **kwargs)
 
-    monkeypatch.setattr(worker._out_fs, "pipe_file", flaky_pipe)
+    monkeypatch.setattr(worker._out_fs, "put_file", flaky_put)
+    monkeypatch.setattr("pipeline.spool.is_local", lambda fs: False)
     monkeypatch.setattr(storage.random, "uniform", lambda a, b: 0.01)
     worker.process_shard(list_shards(worker.spec.io)[0])
-    assert len(failures) == 2
+    assert len(failures) == 2 and all("/labels/images-000000." in p for p in failures)
     assert (tmp_path / "out" / "_done" / "images-000000.json").exists()
 
 
