@@ -72,6 +72,8 @@ def decode_image(data: bytes, max_image_pixels: int) -> DecodedImage:
     except UnidentifiedImageError:
         return _failed("decode_error", "cannot identify image file (not an image, or an "
                        "unsupported format)")
+    except MemoryError:
+        raise  # the worker is short of memory (the pixel limit was checked): not the image's fault
     except Exception as exc:  # noqa: BLE001 - malformed files raise all kinds (struct.error...)
         return _failed("decode_error", f"{type(exc).__name__}: {exc}")
 

@@ -766,3 +766,17 @@ def test_weights_are_staged_once_per_node(tmp_path, monkeypatch):
     second = stage_weights("memory://weights/clip.pt", str(tmp_path), {})
     assert first == second and Path(first).read_bytes() == b"weights" and len(calls) == 1
     assert os.path.dirname(first) == str(tmp_path / "weights")
+
+
+def test_memory_error_while_decoding_fails_the_attempt_not_the_image(tmp_path, vocab_file,
+                                                                    monkeypatch):
+    _write_images(tmp_path / "in", ["a.png", "b.png"])
+    worker = _worker(tmp_path, vocab_file)
+
+    def short_of_memory(data, max_image_pixels):
+        raise MemoryError
+
+    monkeypatch.setattr("pipeline.decode._decode", short_of_memory)
+    with pytest.raises(MemoryError):
+        worker.process_shard(list_shards(worker.spec.io)[0])
+    assert not (tmp_path / "out" / "_done").exists()  # no error rows certified
