@@ -2,9 +2,12 @@
 
     python bench/engine_bench.py --preset coco_stuff [--preset voc21] [--device cpu|cuda]
         [--random-weights SEED | --clip-weights F --dino-weights F] [--batch-size B]
-        [--dtype float16|bfloat16|float32] [--repeats N] [--baseline]
+        [--dtype float16|bfloat16|float32|auto ...] [--repeats N] [--baseline]
 
-Text embeddings are computed (or read from the cache) before timing. ``--baseline`` also
+Text embeddings are computed (or read from the cache) before timing. ``--dtype`` may be given
+several times: each preset is then timed in each dtype in the same run, and the speed of each
+dtype relative to the first is printed (``--dtype float32 --dtype bfloat16``: the bf16 speed-up
+measured under the same machine load). ``--baseline`` also
 times the literal one-crop-at-a-time formulation in ``tests/reference_cass.py`` (the
 reference data path: batch size 1, whole image re-encoded per crop, N x N eigensolves) on the
 same machine in the same run and prints the speed ratio. The last line is
@@ -74,6 +77,30 @@ def time_baseline(seg, image: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
+def bench_preset(args: argparse.Namespace, preset: str, device: torch.device,
+                 dtype: str | None, image: np.ndarray) -> float:
+    """Build one engine, time it, print its figures; returns seconds per image."""
+    seg = build_segmenter(CassConfig.from_preset(preset), clip_weights=args.clip_weights,
+                          dino_weights=args.dino_weights, random_weights=args.random_weights,
+                          device=device, dtype=dtype)
+    seg.crop_batch_size = max(seg.crop_batch_size, 6 * args.batch_size)
+    t0 = time.perf_counter()
+    seg.set_vocabulary()
+    print(f"[{preset}] vocabulary: {seg.vocabulary.num_classes} classes, "
+          f"{seg.vocabulary.num_queries} queries, text setup {time.perf_counter() - t0:.1f}s")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    s = time_engine(seg, image, args.batch_size, args.repeats)
+    print(f"[{preset}] 336x448 batch={args.batch_size} dtype={seg.weights_info['dtype']} "
+          f"device={device}: s_per_image={s:.4f} images_per_s={1 / s:.2f} "
+          f"peak_rss_gb={peak_rss_gb():.2f}", flush=True)
+    if args.baseline:
+        base = time_baseline(seg, image)
+        print(f"[{preset}] reference formulation: {base:.2f} s/image; engine is "
+              f"{base / s:.1f}x faster")
+    return s
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,7 +111,9 @@ def main() -> None:
     p.add_argument("--clip-weights", default=None)
     p.add_argument("--dino-weights", default=None)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--dtype", action="append", default=None,
+                   choices=["float16", "bfloat16", "float32", "auto"],
+                   help="engine dtype; repeat to compare dtypes in one run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--baseline", action="store_true",
                    help="also time the literal reference formulation (slow)")
@@ -92,30 +121,19 @@ def main() -> None:
     if args.random_weights is None and not (args.clip_weights and args.dino_weights):
         args.random_weights = 0
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     image = photo_336x448()
     line = ""
     for preset in args.preset or ["coco_stuff", "voc21"]:
-        seg = build_segmenter(CassConfig.from_preset(preset), clip_weights=args.clip_weights,
-                              dino_weights=args.dino_weights, random_weights=args.random_weights,
-                              device=device, dtype=dtype)
-        seg.crop_batch_size = max(seg.crop_batch_size, 6 * args.batch_size)
-        t0 = time.perf_counter()
-        seg.set_vocabulary()
-        print(f"[{preset}] vocabulary: {seg.vocabulary.num_classes} classes, "
-              f"{seg.vocabulary.num_queries} queries, text setup {time.perf_counter() - t0:.1f}s")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        s = time_engine(seg, image, args.batch_size, args.repeats)
-        line = f"s_per_image={s:.4f} images_per_s={1 / s:.2f} peak_rss_gb={peak_rss_gb():.2f}"
-        if device.type == "cuda":
-            line += f" peak_gpu_gb={torch.cuda.max_memory_allocated(device) / 1024 ** 3:.2f}"
-        print(f"[{preset}] 336x448 batch={args.batch_size} dtype={seg.weights_info['dtype']} "
-              f"device={device}: {line}")
-        if args.baseline:
-            base = time_baseline(seg, image)
-            print(f"[{preset}] reference formulation: {base:.2f} s/image; engine is "
-                  f"{base / s:.1f}x faster")
+        first = None
+        for dtype in args.dtype or [None]:
+            s = bench_preset(args, preset, device, dtype, image)
+            line = f"s_per_image={s:.4f} images_per_s={1 / s:.2f} peak_rss_gb={peak_rss_gb():.2f}"
+            if device.type == "cuda":
+                line += (f" peak_gpu_gb="
+                         f"{torch.cuda.max_memory_allocated(device) / 1024 ** 3:.2f}")
+            first = first or (dtype, s)
+            if first[0] != dtype:
+                print(f"[{preset}] {dtype} is {first[1] / s:.2f}x {first[0]} (same run)")
     print(line)
 
 
