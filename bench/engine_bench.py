@@ -10,7 +10,9 @@ dtype relative to the first is printed (``--dtype float32 --dtype bfloat16``: th
 measured under the same machine load). ``--baseline`` also
 times the literal one-crop-at-a-time formulation in ``tests/reference_cass.py`` (the
 reference data path: batch size 1, whole image re-encoded per crop, N x N eigensolves) on the
-same machine in the same run and prints the speed ratio. The last line is
+same machine in the same run and prints the speed ratio. ``--text-only`` times the text
+embeddings alone (computed, not read from the cache; ``s_per_image`` is then the text
+setup time). The last line is
 ``s_per_image=X images_per_s=Y peak_rss_gb=Z`` (plus ``peak_gpu_gb=W`` on CUDA) for the last
 preset.
 """
@@ -85,9 +87,12 @@ def bench_preset(args: argparse.Namespace, preset: str, device: torch.device,
                           device=device, dtype=dtype)
     seg.crop_batch_size = max(seg.crop_batch_size, 6 * args.batch_size)
     t0 = time.perf_counter()
-    seg.set_vocabulary()
+    seg.set_vocabulary(use_cache=not args.text)
     print(f"[{preset}] vocabulary: {seg.vocabulary.num_classes} classes, "
-          f"{seg.vocabulary.num_queries} queries, text setup {time.perf_counter() - t0:.1f}s")
+          f"{seg.vocabulary.num_queries} queries, text setup {time.perf_counter() - t0:.1f}s"
+          f"{' (computed, cache not read)' if args.text else ''} dtype={dtype}", flush=True)
+    if args.text_only:
+        return time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     s = time_engine(seg, image, args.batch_size, args.repeats)
@@ -115,9 +120,14 @@ def main() -> None:
                    choices=["float16", "bfloat16", "float32", "auto"],
                    help="engine dtype; repeat to compare dtypes in one run")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--text", action="store_true",
+                   help="compute the text embeddings without reading the cache (timed)")
+    p.add_argument("--text-only", action="store_true",
+                   help="time only the text embeddings (implies --text)")
     p.add_argument("--baseline", action="store_true",
                    help="also time the literal reference formulation (slow)")
     args = p.parse_args()
+    args.text = args.text or args.text_only
     if args.random_weights is None and not (args.clip_weights and args.dino_weights):
         args.random_weights = 0
     device = torch.device(args.device)
