@@ -171,11 +171,14 @@ class CpuMeter:
 
 
 def _is_ray_worker(proc) -> bool:
+    """A Ray worker process (actor or task), not one of Ray's own agents."""
     import psutil
 
     try:
-        return proc.name().startswith("ray::") or "default_worker.py" in " ".join(
-            proc.cmdline())
+        name = proc.name()
+        if name in ("ray::DashboardAgent", "ray::RuntimeEnvAgent"):
+            return False
+        return name.startswith("ray::") or "default_worker.py" in " ".join(proc.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 
