@@ -295,11 +295,19 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_dtype(device: str | torch.device, dtype: torch.dtype | str | None) -> torch.dtype:
-    """The engine dtype for a device: None is float32 on CPU and float16 on accelerators;
-    ``"auto"`` is float16 on accelerators and, on CPU, float32 (the faithful path; see
-    README for the measured bf16 agreement); a name like ``"bfloat16"`` is that dtype."""
+    """The engine dtype for a device.
+
+    None is float32 on CPU (the faithful path) and float16 on accelerators. ``"auto"`` is
+    float16 on accelerators and, on CPU, bfloat16 when the CPU multiplies bf16 natively
+    (AMX-BF16 or AVX512-BF16; agreement with float32 measured in README), else float32. A
+    name like ``"bfloat16"`` is that dtype.
+    """
     device = torch.device(device)
-    if dtype is None or dtype == "auto":
+    if dtype == "auto":
+        if device.type != "cpu":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if dtype is None:
         return torch.float32 if device.type == "cpu" else torch.float16
     if isinstance(dtype, str):
         if dtype not in ("float32", "float16", "bfloat16"):

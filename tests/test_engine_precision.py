@@ -21,9 +21,13 @@ AGREEMENT, MAX_DPROB = 0.995, 0.05
 VOCAB = "background\nsky, clouds\ncup, mug\ntable\nwall\nfood, coffee\n"
 
 
-def test_resolve_dtype_defaults_and_auto():
-    assert resolve_dtype("cpu", None) == torch.float32
-    assert resolve_dtype("cpu", "auto") == torch.float32  # faithful on CPU (see README)
+def test_resolve_dtype_defaults_and_auto(monkeypatch):
+    import cass_engine.segmenter as segmenter
+    assert resolve_dtype("cpu", None) == torch.float32  # the faithful default
+    monkeypatch.setattr(segmenter, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_dtype("cpu", "auto") == torch.bfloat16
+    monkeypatch.setattr(segmenter, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_dtype("cpu", "auto") == torch.float32
     assert resolve_dtype("cuda", None) == resolve_dtype("cuda", "auto") == torch.float16
     assert resolve_dtype("cpu", "bfloat16") == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
