@@ -68,10 +68,8 @@ def label_map_to_annotations(
         "bbox", "score"}``; their masks tile the image exactly.
     """
     labels = _check_label_map(labels)
-    present, rles = label_map_to_rles(labels)
+    present, rles, areas, boxes = _encode_runs(labels)
     ids = _category_ids_for(present, category_ids)
-    areas = coco_mask.area(rles)
-    boxes = coco_mask.toBbox(rles)
     out = []
     for i, class_index in enumerate(present.tolist()):
         out.append({
@@ -134,9 +132,17 @@ def label_map_to_rles(labels: np.ndarray) -> tuple[np.ndarray, list[dict]]:
 
     Returns:
         ``present``: ``[K]`` sorted class indices present (uint8, uint16 or the label map's
-        own dtype, whichever is narrowest), and their
-        RLEs as pycocotools returns them (``{"size": [H, W], "counts": bytes}``).
+        own dtype, whichever is narrowest), and their RLEs as pycocotools returns them
+        (``{"size": [H, W], "counts": bytes}``).
     """
+    present, rles, _, _ = _encode_runs(labels)
+    return present, rles
+
+
+def _encode_runs(labels: np.ndarray) -> tuple[np.ndarray, list[dict], np.ndarray, np.ndarray]:
+    """``label_map_to_rles`` plus each class's area ``[K]`` int64 and COCO bbox ``[K, 4]``
+    float64 (``[x, y, w, h]``), computed from the runs as pycocotools' ``area``/``toBbox``
+    compute them from the RLE (a run that crosses a column spans all rows)."""
     height, width = labels.shape
     flat = _compact(np.asarray(labels)).ravel(order="F")
     cuts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
@@ -155,7 +161,15 @@ def label_map_to_rles(labels: np.ndarray) -> tuple[np.ndarray, list[dict]]:
         if e[-1] < flat.size:
             counts = np.append(counts, flat.size - e[-1])
         uncompressed.append({"size": [height, width], "counts": counts.astype(np.uint32)})
-    return present, coco_mask.frPyObjects(uncompressed, height, width)
+    areas = np.add.reduceat(ends - starts, first)
+    x0, x1 = starts // height, (ends - 1) // height
+    crosses = x0 != x1
+    y0 = np.where(crosses, 0, starts % height)
+    y1 = np.where(crosses, height - 1, (ends - 1) % height)
+    xs, xe = np.minimum.reduceat(x0, first), np.maximum.reduceat(x1, first)
+    ys, ye = np.minimum.reduceat(y0, first), np.maximum.reduceat(y1, first)
+    boxes = np.stack([xs, ys, xe - xs + 1, ye - ys + 1], axis=1).astype(np.float64)
+    return present, coco_mask.frPyObjects(uncompressed, height, width), areas, boxes
 
 
 def _compact(labels: np.ndarray) -> np.ndarray:

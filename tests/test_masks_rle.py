@@ -51,6 +51,15 @@ def test_one_pass_rle_is_bit_exact_with_per_class_pycocotools(name, labels):
     np.testing.assert_array_equal(coco_mask.area(rles), coco_mask.area(want))
 
 
+@pytest.mark.parametrize("name, labels", CASES, ids=[c[0] for c in CASES])
+def test_annotation_area_and_bbox_equal_pycocotools(name, labels):
+    anns = label_map_to_annotations(labels, np.ones(int(labels.max()) + 1))
+    _, want = _per_class_reference(labels)
+    assert [a["area"] for a in anns] == coco_mask.area(want).tolist(), name
+    assert [a["bbox"] for a in anns] == coco_mask.toBbox(want).tolist(), name
+    assert all(isinstance(v, float) for a in anns for v in a["bbox"])
+
+
 def test_one_pass_rle_decodes_back_to_the_label_map():
     labels = _blocky(5, (45, 60), 12, np.uint16)
     present, rles = label_map_to_rles(labels)
