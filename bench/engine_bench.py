@@ -117,9 +117,11 @@ def bench_preset(args: argparse.Namespace, preset: str, device: torch.device,
     out = []
     for seg, times in zip(engines, rounds, strict=True):
         s, median = min(times), float(np.median(times))
+        gpu = (f" peak_gpu_gb={torch.cuda.max_memory_allocated(device) / 1024 ** 3:.2f}"
+               if device.type == "cuda" else "")
         print(f"[{preset}] 336x448 batch={args.batch_size} dtype={seg.weights_info['dtype']} "
               f"device={device}: s_per_image={s:.4f} images_per_s={1 / s:.2f} "
-              f"median_s={median:.4f} peak_rss_gb={peak_rss_gb():.2f}", flush=True)
+              f"median_s={median:.4f} peak_rss_gb={peak_rss_gb():.2f}{gpu}", flush=True)
         if args.baseline:
             base = time_baseline(seg, image)
             print(f"[{preset}] reference formulation: {base:.2f} s/image; engine is "

@@ -1,22 +1,24 @@
 """CUDA checks (``-m cuda``; skipped without an NVIDIA GPU). Run by ``bench/gpu_check.sh``.
 
-- The engine on CUDA equals the CPU float32 engine on a real photograph: float32 within
-  TF32/kernel noise, float16 and bfloat16 autocast within the reduced-precision bounds that
-  ``bench/precision_check.py`` reports (same text embeddings on both sides, so only the image
-  path differs).
+- The engine on CUDA equals the CPU float32 engine on a real photograph (the test suite's
+  random backbones, copied to the GPU): float32 within TF32/kernel noise, float16 and
+  bfloat16 autocast within the reduced-precision bounds that ``bench/precision_check.py``
+  reports (same text embeddings on both sides, so only the image path differs).
 - One pipeline actor per GPU, each pinned to its own GPU and running on CUDA.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 from conftest import encode, photos
-from engine_fixtures import photo_336x448
+from engine_fixtures import photo_336x448, random_backbones  # noqa: F401
 
-from cass_engine import CassConfig, build_segmenter
+from cass_engine import CassConfig
+from cass_engine.segmenter import CassSegmenter
 from pipeline.config import ComputeConfig, IOConfig
 from pipeline.engine import EngineSpec
 from pipeline.plan import JobConfig
@@ -31,23 +33,26 @@ BOUNDS = {"float32": (5e-3, 0.999), "float16": (5e-2, 0.98), "bfloat16": (1.5e-1
 
 
 @pytest.fixture(scope="module")
-def cpu_reference(tmp_path_factory):
+def cpu_reference(tmp_path_factory, random_backbones):
     vocab = tmp_path_factory.mktemp("vocab") / "v.txt"
     vocab.write_text("background\nsky, clouds\ncup, mug\ntable\nwall\nfood, coffee\n")
     out = {}
     for preset in ("coco_stuff", "voc21"):
         config = CassConfig.from_preset(preset, vocabulary_path=str(vocab))
-        seg = build_segmenter(config, random_weights=0, device="cpu")
-        text = seg.set_vocabulary()
+        seg = CassSegmenter(*random_backbones, config, torch.device("cpu"))
+        text = seg.set_vocabulary(use_cache=False)
         out[preset] = (config, text, seg.segment([photo_336x448()], return_logits=False)[0])
     return out
 
 
 @pytest.mark.parametrize("dtype", sorted(BOUNDS))
 @pytest.mark.parametrize("preset", ["coco_stuff", "voc21"])
-def test_engine_on_cuda_equals_cpu_within_the_precision_bound(cpu_reference, preset, dtype):
+def test_engine_on_cuda_equals_cpu_within_the_precision_bound(cpu_reference, random_backbones,
+                                                              preset, dtype):
     config, text, want = cpu_reference[preset]
-    seg = build_segmenter(config, random_weights=0, device="cuda", dtype=getattr(torch, dtype))
+    clip, dino = (copy.deepcopy(m).cuda() for m in random_backbones)
+    amp = None if dtype == "float32" else getattr(torch, dtype)
+    seg = CassSegmenter(clip, dino, config, torch.device("cuda"), amp_dtype=amp)
     seg.set_vocabulary(text_embeddings=text)
     got = seg.segment([photo_336x448()], return_logits=False)[0]
     max_diff, min_agree = BOUNDS[dtype]
