@@ -12,9 +12,13 @@ Builds ``--images`` JPEG photos (scikit-image) into WebDataset tar shards, then 
    and threads.
 
 Prints images/s of each, the pipeline/engine ratio (target >= 90 %), and the peak resident
-memory of the driver and of each actor. The stub engine's ``--stub-ms`` simulates an
-accelerator (it sleeps without holding the GIL or a CPU), which is what the pipeline must
-keep fed; ``--engine real`` runs CASS with random weights (slow on CPU: use few images).
+memory of the driver and of each actor. The last line is
+``cpu_ms_per_image=X pipeline_images_per_s=Y ratio=Z`` for the local-disk run: CPU time of
+the driver and of every Ray worker process (actors, tasks) during the run, minus the engine's
+own CPU time (measured in the engine-alone process), per image. The stub engine's
+``--stub-ms`` simulates an accelerator (it sleeps without holding the GIL or a CPU), which
+is what the pipeline must keep fed; ``--engine real`` runs CASS with random weights (slow
+on CPU: use few images).
 """
 
 from __future__ import annotations
@@ -60,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="real engine: override the preset's short side (default: preset)")
     p.add_argument("--vocab-classes", type=int, default=20,
                    help="classes in the generated vocabulary (default 20)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="real engine's device (cuda: one GPU per actor; default cpu)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="real engine's dtype (default: float32 on CPU, float16 on CUDA)")
     p.add_argument("--actors", type=int, default=1, help="default 1")
     p.add_argument("--batch-size", type=int, default=8, help="default 8")
     p.add_argument("--decode-threads", type=int, default=2, help="default 2")
@@ -111,37 +119,110 @@ def engine_spec(args: argparse.Namespace, vocab: Path) -> EngineSpec:
     config = CassConfig.from_preset("coco_stuff", **overrides)
     if args.engine == "stub":
         return EngineSpec(config, stub=StubOptions(seconds_per_image=args.stub_ms / 1000))
-    return EngineSpec(config, random_weights=0)
+    return EngineSpec(config, random_weights=0, dtype=args.dtype, device=args.device)
+
+
+class CpuMeter:
+    """CPU seconds of this process and of its Ray worker processes, sampled while running.
+
+    Ray's workers are descendants of the driver (``ray.init`` starts the raylet, which starts
+    them) but not its direct children, so their CPU is read through psutil every
+    ``interval_s`` and at exit; a worker that exits between samples loses at most one
+    interval of its CPU time. Ray's own daemons (raylet, GCS) are not counted.
+    """
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        import threading
+
+        self.interval_s, self._seen = interval_s, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> CpuMeter:
+        self._start = self._sample_all()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample_all()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample_all()
+
+    def _sample_all(self) -> dict:
+        import psutil
+
+        me = psutil.Process()
+        procs = [me] + [p for p in me.children(recursive=True) if _is_ray_worker(p)]
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+                self._seen[proc.pid] = times.user + times.system
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return dict(self._seen)
+
+    @property
+    def seconds(self) -> float:
+        return sum(v - self._start.get(pid, 0.0) for pid, v in self._seen.items())
+
+
+def _is_ray_worker(proc) -> bool:
+    """A Ray worker process (actor or task), not one of Ray's own agents."""
+    import psutil
+
+    try:
+        name = proc.name()
+        if name in ("ray::DashboardAgent", "ray::RuntimeEnvAgent"):
+            return False
+        return name.startswith("ray::") or "default_worker.py" in " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
 
 
 def run_pipeline(args, spec: EngineSpec, input_uri: str, output_uri: str,
                  storage_options: dict) -> dict:
     io_cfg = IOConfig(input_uri, output_uri, storage_options=storage_options, overwrite=True)
     compute = ComputeConfig(actors=args.actors, batch_size=args.batch_size,
+                            gpus_per_actor=1.0 if args.device == "cuda" else 0.0,
                             decode_threads=args.decode_threads, progress_interval_s=10.0,
                             cpus_per_actor=max(1, (os.cpu_count() or 1) // args.actors))
     started = time.monotonic()
-    summary = run_job(JobConfig(io_cfg, compute, spec), emit=lambda line: print(line))
+    with CpuMeter() as meter:
+        summary = run_job(JobConfig(io_cfg, compute, spec), emit=lambda line: print(line))
     wall = time.monotonic() - started
     totals, res = summary.record["this_run"], summary.record["resources"]
     return {
         "status": summary.status, "images": totals["images"],
         "images_per_s": totals["images_per_s"],
         "images_per_s_with_startup": totals["images"] / wall,
+        "cpu_s": meter.seconds,
         "driver_peak_mb": res["driver_peak_memory_bytes"] / 2**20,
         "actor_peak_mb": [m / 2**20 if m else None for m in res["worker_peak_memory_bytes"]],
     }
 
 
-def engine_alone_subprocess(args: argparse.Namespace, vocab: Path, shard_dir: Path) -> float:
-    """Run :func:`engine_alone` in a fresh process (keeps the driver's memory figure clean)."""
+def engine_alone_subprocess(args: argparse.Namespace, vocab: Path,
+                            shard_dir: Path) -> tuple[float, float]:
+    """Run :func:`engine_alone` in a fresh process (keeps the driver's memory figure clean).
+
+    Returns:
+        images/s and the engine's CPU seconds per image.
+    """
     argv = [sys.executable, __file__, "--engine-only-in", str(shard_dir), "--engine",
             args.engine, "--stub-ms", str(args.stub_ms), "--batch-size", str(args.batch_size),
-            "--actors", str(args.actors), "--vocab-classes", str(args.vocab_classes)]
+            "--actors", str(args.actors), "--vocab-classes", str(args.vocab_classes),
+            "--device", args.device]
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
     if args.short_side:
         argv += ["--short-side", str(args.short_side)]
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    return float(out.strip().splitlines()[-1])
+    rate, cpu = out.strip().splitlines()[-1].split()
+    return float(rate), float(cpu)
 
 
 def _engine_only_main(args: argparse.Namespace) -> int:
@@ -150,23 +231,28 @@ def _engine_only_main(args: argparse.Namespace) -> int:
     for shard in sorted(args.engine_only_in.glob("*.tar")):
         with tarfile.open(shard) as archive:
             images += [archive.extractfile(m).read() for m in archive.getmembers()]
-    print(engine_alone(args, engine_spec(args, vocab), images[:_engine_count(args, images)]))
+    rate, cpu = engine_alone(args, engine_spec(args, vocab), images[:_engine_count(args, images)])
+    print(rate, cpu)
     return 0
 
 
-def engine_alone(args, spec: EngineSpec, images: list[bytes]) -> float:
-    """Images/s of the engine alone on pre-decoded images (same batch size and threads)."""
+def engine_alone(args, spec: EngineSpec, images: list[bytes]) -> tuple[float, float]:
+    """Images/s of the engine alone on pre-decoded images (same batch size and threads), and
+    its CPU seconds per image (all threads of this process)."""
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.actors))
-    engine = build_engine(spec, "cpu")
+    engine = build_engine(spec, args.device)
     engine.set_vocabulary(None)
     arrays = [decode_image(b, 10**9).rgb for b in images]
-    engine.segment(arrays[:1], return_logits=False, return_probs=False)  # warm-up
-    started = time.monotonic()
+    engine.segment(arrays[:args.batch_size], return_logits=False, return_probs=False)  # warm-up
+    started, cpu = time.monotonic(), time.process_time()
     for i in range(0, len(arrays), args.batch_size):
         engine.segment(arrays[i:i + args.batch_size], return_logits=False, return_probs=False)
-    return len(arrays) / (time.monotonic() - started)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return (len(arrays) / (time.monotonic() - started),
+            (time.process_time() - cpu) / len(arrays))
 
 
 class SeaweedS3:
@@ -229,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = engine_spec(args, vocab)
     figures = {"config": {k: str(v) for k, v in vars(args).items()}}
     before = engine_alone_subprocess(args, vocab, work / "in")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
+             **({"num_gpus": 0} if args.device == "cpu" else {}))
     try:
         figures["local"] = run_pipeline(args, spec, str(work / "in"), str(work / "out"), {})
         if not args.no_s3:
@@ -237,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     after = engine_alone_subprocess(args, vocab, work / "in")
-    figures["engine_alone_runs_images_per_s"] = [before, after]
-    figures["engine_alone_images_per_s"] = (before + after) / 2
+    figures["engine_alone_runs_images_per_s"] = [before[0], after[0]]
+    figures["engine_alone_images_per_s"] = (before[0] + after[0]) / 2
+    figures["engine_cpu_s_per_image"] = (before[1] + after[1]) / 2
     report(figures)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
@@ -247,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _engine_count(args: argparse.Namespace, images: list) -> int:
-    return len(images) if args.engine == "stub" else min(len(images), 16)
+    if args.engine == "stub" or args.device == "cuda":
+        return len(images)
+    return min(len(images), 16)
 
 
 def _s3_run(args, spec: EngineSpec, images: list[bytes], work: Path) -> dict:
@@ -279,6 +369,10 @@ def report(figures: dict) -> None:
               f"{f['images_per_s_with_startup']:.1f} images/s including actor start-up), "
               f"{f['images']} images, {f['status']}; peak RSS driver {f['driver_peak_mb']:.0f} "
               f"MiB, actors [{actors}] MiB")
+    local = figures["local"]
+    cpu_ms = 1000 * (local["cpu_s"] / max(1, local["images"]) - figures["engine_cpu_s_per_image"])
+    print(f"cpu_ms_per_image={cpu_ms:.2f} pipeline_images_per_s={local['images_per_s']:.2f} "
+          f"ratio={local['images_per_s'] / engine:.3f}")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,16 @@
 
     python -m cass_engine.predict --image photo.jpg --preset coco_stuff --out result.npz \\
         [--vocab my_classes.txt] [--clip-weights ViT-B-16.pt --dino-weights dino.pth |
-        --random-weights SEED] [--device cpu|cuda] [--short-side N] [--overlay overlay.png]
+        --random-weights SEED] [--device cpu|cuda] [--dtype float32|bfloat16|float16|auto]
+        [--short-side N] [--overlay overlay.png] [--save-probs] [--save-logits]
 
-Writes ``logits`` [Q, H, W] float32 (before the logit scale, at the input size), ``probs``
-[C, H, W] float32, ``labels`` [H, W] int32, ``presence`` [C] float32, ``prior`` [C] float32,
-``class_names`` and ``query_words`` (str arrays) and ``weights`` (JSON of the weight sources;
-says ``random`` when random weights were used).
+Writes a compressed .npz with ``labels`` [H, W] int32, ``presence`` [C], ``prior`` [C],
+``pixel_fraction`` [C] and ``mask_scores`` [C] float32, ``class_names`` and ``query_words``
+(str arrays) and ``weights`` (JSON of the weight sources and dtype; says ``random`` when
+random weights were used). Only on request, since they grow with image size x classes (a
+12-megapixel photo with 171 classes is ~8 GB of float32 each): ``--save-probs`` adds
+``probs`` [C, H, W] float32, ``--save-logits`` adds ``logits`` [Q, H, W] float32 (before
+the logit scale, at the input size). Without them the full maps are never built.
 """
 
 from __future__ import annotations
@@ -41,7 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--random-weights", type=int, default=None, metavar="SEED",
                    help="seeded random weights (smoke tests only; recorded in the output)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
+                   help="backbone precision (default: float32 on CPU, float16 on GPU)")
     p.add_argument("--short-side", type=int, default=None, help="override the resize target")
+    p.add_argument("--save-probs", action="store_true",
+                   help="also store the [C, H, W] class probabilities (large)")
+    p.add_argument("--save-logits", action="store_true",
+                   help="also store the [Q, H, W] query logits (large)")
     p.add_argument("--out", required=True, help="output .npz file")
     p.add_argument("--overlay", default=None, help="also save a PNG with the label map")
     return p.parse_args(argv)
@@ -70,19 +80,27 @@ def run(args: argparse.Namespace) -> Path:
     config = build_config(args)
     t0 = time.perf_counter()
     seg = build_segmenter(config, clip_weights=args.clip_weights, dino_weights=args.dino_weights,
-                          random_weights=args.random_weights, device=torch.device(args.device))
+                          random_weights=args.random_weights, device=torch.device(args.device),
+                          dtype=args.dtype)
     vocab = seg.set_vocabulary()
     t1 = time.perf_counter()
-    result = seg.segment([image])[0]
+    result = seg.segment([image], return_logits=args.save_logits,
+                         return_probs=args.save_probs)[0]
     t2 = time.perf_counter()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        out, logits=result.logits.numpy(), probs=result.probs.numpy(),
-        labels=result.labels.numpy().astype(np.int32), presence=result.presence.numpy(),
-        prior=result.prior.numpy(), class_names=np.array(vocab.vocabulary.class_names),
-        query_words=np.array(vocab.vocabulary.query_words),
-        weights=np.array(json.dumps(seg.weights_info)))
+    arrays = {
+        "labels": result.labels.numpy().astype(np.int32), "presence": result.presence.numpy(),
+        "prior": result.prior.numpy(), "pixel_fraction": result.pixel_fraction.numpy(),
+        "mask_scores": result.mask_scores.numpy(),
+        "class_names": np.array(vocab.vocabulary.class_names),
+        "query_words": np.array(vocab.vocabulary.query_words),
+        "weights": np.array(json.dumps(seg.weights_info))}
+    if args.save_probs:
+        arrays["probs"] = result.probs.numpy()
+    if args.save_logits:
+        arrays["logits"] = result.logits.numpy()
+    np.savez_compressed(out, **arrays)
     if args.overlay:
         from .overlay import save_overlay
         save_overlay(image, result.labels.numpy(), vocab.vocabulary.class_names, args.overlay)

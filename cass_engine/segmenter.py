@@ -85,7 +85,9 @@ class CassSegmenter:
         dino: timm ``VisionTransformer`` (DINO ViT-B/8) on ``device``.
         config: hyperparameters.
         device: where everything runs.
-        amp_dtype: autocast dtype for the backbones (None: full precision).
+        amp_dtype: reduced precision for the backbones (None: full precision). On CPU the
+            image backbones' weights are cast to it once (no autocast: no per-call weight
+            casts); elsewhere it is an autocast dtype. The text tower stays float32.
         weights_info: model identities and weight hashes, for records.
         cache_dir: text-embedding cache root (None: ``$CASS_CACHE_DIR`` or ~/.cache).
     """
@@ -95,6 +97,7 @@ class CassSegmenter:
                  weights_info: dict | None = None, cache_dir: str | Path | None = None) -> None:
         self.clip, self.dino, self.config = clip.eval(), dino.eval(), config
         self.device, self.amp_dtype = torch.device(device), amp_dtype
+        self.weights_cast = _cast_backbones(self.clip, self.dino, self.device, amp_dtype)
         self.weights_info = dict(weights_info or {})
         self.cache_dir = cache_dir
         self.crop_batch_size = DEFAULT_CROP_BATCH
@@ -132,7 +135,8 @@ class CassSegmenter:
         if text_embeddings is None:
             vocabulary = vocabulary or self.config.load_vocabulary()
             text_embeddings = compute_text_embeddings(
-                self.clip, vocabulary, self.cache_dir, use_cache, self.text_weights_hash())
+                self.clip, vocabulary, self.cache_dir, use_cache, self.text_weights_hash(),
+                dtype=self._text_dtype())
         elif text_embeddings.text_weights_hash != self.text_weights_hash():
             raise ValueError("the text embeddings were computed with other CLIP text weights "
                              f"({text_embeddings.text_weights_hash[:12]}...) than this "
@@ -143,6 +147,10 @@ class CassSegmenter:
         self._membership = group_membership(groups.to(self.device))
         self._ranges = class_ranges(text_embeddings.vocabulary.query_to_class)
         return text_embeddings
+
+    def _text_dtype(self) -> torch.dtype | None:
+        """bf16 text encoding in the CPU bf16 mode; full precision otherwise."""
+        return torch.bfloat16 if self.weights_cast and self.amp_dtype == torch.bfloat16 else None
 
     # ----------------------------------------------------------------- segmentation
     @torch.no_grad()
@@ -194,7 +202,7 @@ class CassSegmenter:
                 for i in range(0, len(group), size)]
 
     def _autocast(self):
-        if self.amp_dtype is None or self.amp_dtype == torch.float32:
+        if self.amp_dtype is None or self.amp_dtype == torch.float32 or self.weights_cast:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
@@ -265,9 +273,58 @@ class CassSegmenter:
             confidence=decision.confidence.cpu())
 
 
+def _cast_backbones(clip: nn.Module, dino: nn.Module, device: torch.device,
+                    dtype: torch.dtype | None) -> bool:
+    """Cast the image backbones' weights to ``dtype`` once, on CPU; True when done.
+
+    CPU autocast re-casts every frozen weight on every call (hundreds of copies per image),
+    which costs more than the reduced-precision matmuls save. LayerNorm statistics and SDPA
+    softmax accumulate in float32 inside PyTorch's bf16 CPU kernels; everything after the
+    backbones (spectral fusion, eigen-decompositions, Hungarian costs, logits, softmax and
+    decision) runs in float32 or float64 as in the full-precision path.
+    """
+    if device.type != "cpu" or dtype is None or dtype == torch.float32:
+        return False
+    clip.visual.to(dtype)
+    dino.to(dtype)
+    return True
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX-BF16 or AVX512-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(device: str | torch.device, dtype: torch.dtype | str | None) -> torch.dtype:
+    """The engine dtype for a device.
+
+    None is float32 on CPU (the faithful path) and float16 on accelerators. ``"auto"`` is
+    float16 on accelerators and, on CPU, bfloat16 when the CPU multiplies bf16 natively
+    (AMX-BF16 or AVX512-BF16; agreement with float32 measured in README), else float32. A
+    name like ``"bfloat16"`` is that dtype.
+    """
+    device = torch.device(device)
+    if dtype == "auto":
+        if device.type != "cpu":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"unknown dtype {dtype!r}: float32, float16, bfloat16 or auto")
+        return getattr(torch, dtype)
+    return dtype
+
+
 def build_segmenter(config: CassConfig, *, clip_weights: str | None = None,
                     dino_weights: str | None = None, random_weights: int | None = None,
-                    device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu",
+                    dtype: torch.dtype | str | None = None,
                     storage_options: dict | None = None,
                     cache_dir: str | Path | None = None) -> CassSegmenter:
     """Load both backbones and return a ready ``CassSegmenter`` (vocabulary not yet set).
@@ -279,8 +336,8 @@ def build_segmenter(config: CassConfig, *, clip_weights: str | None = None,
         random_weights: build both backbones with seeded random weights instead (smoke runs
             and tests only; recorded in ``weights_info``). Exclusive with weight paths.
         device: torch device.
-        dtype: autocast dtype for the backbones; None means float32 on CPU and float16 on
-            accelerators.
+        dtype: reduced precision for the image backbones (see ``resolve_dtype``); None means
+            float32 on CPU and float16 on accelerators.
         storage_options: fsspec options for weight URLs.
         cache_dir: cache root for staged weights and text embeddings.
     """
@@ -289,8 +346,7 @@ def build_segmenter(config: CassConfig, *, clip_weights: str | None = None,
     if random_weights is not None and (clip_weights or dino_weights):
         raise ValueError("random_weights cannot be combined with clip_weights/dino_weights")
     device = torch.device(device)
-    if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" else torch.float16
+    dtype = resolve_dtype(device, dtype)
     cache = str(cache_dir) if cache_dir is not None else None
     clip, clip_info = load_clip(clip_weights, random_seed=random_weights, cache_dir=cache,
                                 storage_options=storage_options)

@@ -2,7 +2,10 @@
 
 The text transformer is causal, so the embedding taken at the end-of-text token depends only on
 the tokens before it: the context is cut right after the longest prompt's end token, which
-changes no output value and removes most of the work (prompts are ~10 tokens of 77).
+changes no output value and removes most of the work (prompts are ~10 tokens of 77). Prompts
+are batched in order of length, so each batch is cut at nearly its own prompts' length. On CPU
+the encoder can run under bf16 autocast (``dtype=torch.bfloat16``, the engine's bf16 mode);
+such embeddings are cached under their own key.
 """
 
 from __future__ import annotations
@@ -91,11 +94,16 @@ def encode_prompts(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def embed_queries(model: nn.Module, words: Sequence[str],
-                  templates: Sequence = OPENAI_IMAGENET_TEMPLATES) -> torch.Tensor:
+                  templates: Sequence = OPENAI_IMAGENET_TEMPLATES,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """Template-averaged embedding of each query word.
 
     Each template prompt is L2-normalised, the 80 are averaged, the mean is L2-normalised.
+    Prompts are encoded in batches of similar length (shortest first).
 
+    Args:
+        dtype: ``torch.bfloat16`` runs the encoder under CPU bf16 autocast; None or float32
+            runs it in full precision.
     Returns:
         ``[Q, 512]`` float32 on the model's device.
     """
@@ -103,14 +111,30 @@ def embed_queries(model: nn.Module, words: Sequence[str],
     device = model.token_embedding.weight.device
     prompts = [template(word) for word in words for template in templates]
     tokens = tokenizer(prompts)
-    chunks = [encode_prompts(model, tokens[i:i + PROMPT_BATCH].to(device))
-              for i in range(0, len(prompts), PROMPT_BATCH)]
-    features = F.normalize(torch.cat(chunks), dim=-1).view(len(words), len(templates), -1)
+    order = tokens.argmax(dim=-1).argsort(stable=True)
+    encoded = torch.empty(len(prompts), model.text_projection.shape[-1], device=device)
+    with _text_autocast(device, dtype):
+        for i in range(0, len(prompts), PROMPT_BATCH):
+            index = order[i:i + PROMPT_BATCH]
+            encoded[index.to(device)] = encode_prompts(model, tokens[index].to(device))
+    features = F.normalize(encoded, dim=-1).view(len(words), len(templates), -1)
     return F.normalize(features.mean(dim=1), dim=-1)
 
 
-def cache_key(weights_hash: str, words: Sequence[str], templates: Sequence) -> str:
+def _text_autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        raise ValueError(f"reduced-precision text encoding is bf16 on CPU only, not {dtype} "
+                         f"on {device.type}")
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def cache_key(weights_hash: str, words: Sequence[str], templates: Sequence,
+              dtype: torch.dtype | None = None) -> str:
     digest = hashlib.sha256(CACHE_FORMAT.encode())
+    if dtype is not None and dtype != torch.float32:
+        digest.update(f"dtype={dtype}".encode())
     digest.update(weights_hash.encode())
     digest.update("\x1f".join(template("{}") for template in templates).encode())
     digest.update("\x1e".join(words).encode("utf-8"))
@@ -119,18 +143,20 @@ def cache_key(weights_hash: str, words: Sequence[str], templates: Sequence) -> s
 
 def compute_text_embeddings(model: nn.Module, vocabulary: Vocabulary,
                             cache_dir: str | Path | None = None, use_cache: bool = True,
-                            weights_hash: str | None = None) -> TextEmbeddings:
+                            weights_hash: str | None = None,
+                            dtype: torch.dtype | None = None) -> TextEmbeddings:
     """Query embeddings for a vocabulary, read from or written to the disk cache.
 
-    The cache key covers the text weights, the template list and the query words.
+    The cache key covers the text weights, the template list, the query words and the
+    encoder's precision (``dtype``, see ``embed_queries``).
     """
     weights_hash = weights_hash or text_weights_hash(model)
     words = vocabulary.query_words
     path = Path(cache_dir or default_cache_dir()) / "text" / (
-        cache_key(weights_hash, words, OPENAI_IMAGENET_TEMPLATES) + ".pt")
+        cache_key(weights_hash, words, OPENAI_IMAGENET_TEMPLATES, dtype) + ".pt")
     queries = _read_cache(path, len(words)) if use_cache else None
     if queries is None:
-        queries = embed_queries(model, words).cpu()
+        queries = embed_queries(model, words, dtype=dtype).cpu()
         if use_cache:
             _write_cache(path, queries)
     return TextEmbeddings(vocabulary, queries, weights_hash)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -204,17 +205,29 @@ def test_predict_cli_writes_arrays_and_overlay(tmp_path):
     Image.fromarray(photo_336x448()[:160, :200]).save(image)
     vocab = tmp_path / "v.txt"
     vocab.write_text("sky\ncup, mug\n")
-    out, overlay = tmp_path / "r.npz", tmp_path / "o.png"
+    out, overlay, full = tmp_path / "r.npz", tmp_path / "o.png", tmp_path / "full.npz"
     cmd = [sys.executable, "-m", "cass_engine.predict", "--image", str(image), "--vocab",
-           str(vocab), "--random-weights", "0", "--out", str(out), "--overlay", str(overlay)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+           str(vocab), "--random-weights", "0"]
+    run = subprocess.run([*cmd, "--out", str(out), "--overlay", str(overlay)],
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr
     data = np.load(out)
-    assert data["logits"].shape == (3, 160, 200) and data["probs"].shape == (2, 160, 200)
-    assert data["labels"].dtype == np.int32 and list(data["class_names"]) == ["sky", "cup"]
+    assert "logits" not in data.files and "probs" not in data.files
+    assert data["labels"].shape == (160, 200) and data["labels"].dtype == np.int32
+    assert data["presence"].shape == data["mask_scores"].shape == (2,)
+    assert list(data["class_names"]) == ["sky", "cup"]
     assert json.loads(str(data["weights"]))["random_weights"] == 0
     assert Image.open(overlay).size[0] > 200
     assert "random weights" in run.stdout
+    run = subprocess.run([*cmd, "--out", str(full), "--save-probs", "--save-logits"],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr
+    with_maps = np.load(full)
+    assert with_maps["logits"].shape == (3, 160, 200) and with_maps["probs"].shape == (2, 160, 200)
+    assert np.array_equal(with_maps["labels"], data["labels"])
+    assert np.array_equal(with_maps["probs"].argmax(0), data["labels"])
+    with zipfile.ZipFile(full) as archive:  # stored compressed
+        assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in archive.infolist())
 
 
 @pytest.mark.parametrize("args, message", [
