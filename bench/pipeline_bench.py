@@ -303,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         return _engine_only_main(args)
     import ray
 
+    from pipeline.cluster import start_local_ray
+
     work = Path(tempfile.mkdtemp(prefix="cass-bench-"))
     vocab = work / "vocab.txt"
     vocab.write_text("\n".join(f"class {i}" for i in range(args.vocab_classes)) + "\n")
@@ -315,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = engine_spec(args, vocab)
     figures = {"config": {k: str(v) for k, v in vars(args).items()}}
     before = engine_alone_subprocess(args, vocab, work / "in")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
-             **({"num_gpus": 0} if args.device == "cpu" else {}))
+    start_local_ray(num_cpus=os.cpu_count(), logging_level="ERROR",
+                    **({"num_gpus": 0} if args.device == "cpu" else {}))
     try:
         figures["local"] = run_pipeline(args, spec, str(work / "in"), str(work / "out"), {})
         if not args.no_s3:

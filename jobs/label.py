@@ -120,8 +120,9 @@ def _engine_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--device", choices=["auto", "cpu", "cuda"],
                        help=f"engine device (default: {_default(EngineSpec, 'device')}: the "
                        "actor's GPU if it has one, else CPU)")
-    group.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                       help="autocast dtype (default: float32 on CPU, float16 on GPU)")
+    group.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "auto"],
+                       help="engine dtype (default: float32 on CPU, the faithful path; float16 "
+                       "on GPU); auto: bfloat16 on CPUs with native bf16, float16 on GPUs")
     group.add_argument("--engine", choices=["cass", "stub"], default="cass",
                        help="'stub' is a fast fake engine for pipeline smoke tests "
                        "(default: cass)")

@@ -34,8 +34,8 @@ class EngineSpec:
             the engine's default (official weights through the hubs).
         random_weights: seed for random weights (smoke runs; recorded in the output).
         device: ``auto`` (the actor's GPU if it has one, else CPU), ``cpu`` or ``cuda``.
-        dtype: autocast dtype name (``float16``, ``bfloat16``, ``float32``) or None for the
-            engine's default.
+        dtype: engine dtype name (``float16``, ``bfloat16``, ``float32``, ``auto``) or None
+            for the engine's default (float32 on CPU, float16 on GPUs).
         storage_options: fsspec options for weight URLs (never recorded).
         stub: build the fast stub engine instead (tests, benchmarks).
         cache_dir: node-local directory for staged weights.
@@ -56,6 +56,8 @@ class EngineSpec:
             raise ValueError("--random-weights cannot be combined with --clip/--dino-weights")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError("device must be auto, cpu or cuda")
+        if self.dtype not in (None, "float32", "float16", "bfloat16", "auto"):
+            raise ValueError("dtype must be float32, float16, bfloat16 or auto")
 
     def identity(self) -> dict:
         """What determines the labels, as JSON (for run records and the resume check)."""
@@ -83,12 +85,10 @@ def build_engine(spec: EngineSpec, device: str) -> Any:
     """Build the segmenter described by ``spec`` on ``device`` (inside an actor)."""
     if spec.stub is not None:
         return StubSegmenter(spec.config, spec.stub)
-    import torch
 
     from cass_engine import build_segmenter
     from cass_engine.weights import WeightsError
 
-    dtype = getattr(torch, spec.dtype) if spec.dtype else None
     try:
         with _quiet_hub_logs():
             return build_segmenter(
@@ -97,7 +97,7 @@ def build_engine(spec: EngineSpec, device: str) -> Any:
                                            spec.storage_options),
                 dino_weights=stage_weights(spec.dino_weights, spec.cache_dir,
                                            spec.storage_options),
-                random_weights=spec.random_weights, device=device, dtype=dtype,
+                random_weights=spec.random_weights, device=device, dtype=spec.dtype,
                 storage_options=dict(spec.storage_options) or None,
             )
     except WeightsError as exc:  # its message says it all: no chained library tracebacks

@@ -628,6 +628,11 @@ def test_cli_flags_only_override_dataclass_defaults(vocab_file):
                                                           "parquet", "--random-weights", "3"]))
     assert job.compute.batch_size == 4 and job.compute.actors is None
     assert job.io.input_format == "parquet" and job.engine.random_weights == 3
+    assert job.engine.dtype is None  # the engine's faithful default
+    auto = job_from_args(build_parser().parse_args(base + ["--dtype", "auto"]))
+    assert auto.engine.dtype == "auto" and auto.engine.identity()["dtype"] == "auto"
+    with pytest.raises(ValueError, match="dtype must be"):
+        EngineSpec(job.engine.config, dtype="bf16")
     help_text = " ".join(build_parser().format_help().split())
     for option in ("--images-per-shard", "--storage-options", "--limit", "--actors",
                    "--gpus-per-actor", "--batch-size", "--max-image-pixels", "--preset"):
