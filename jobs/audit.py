@@ -22,6 +22,7 @@ import sys
 
 from pipeline.audit import AuditConfig, AuditError, run_audit
 from pipeline.audit.runner import GT_FORMATS
+from pipeline.config import public_text
 
 EXIT_INPUT_ERROR = 2
 
@@ -129,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcome = run_audit(config_from_args(args))
     except AuditError as error:
-        print(f"audit: error: {error}", file=sys.stderr)
+        print(f"audit: error: {public_text(str(error))}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except OSError as error:
-        print(f"audit: error: {error}", file=sys.stderr)
+        print(f"audit: error: {public_text(str(error))}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     _print_summary(outcome.metrics, outcome.files)
     for uri in outcome.files:

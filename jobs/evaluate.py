@@ -23,6 +23,7 @@ from pipeline.benchmarks import (
     list_samples,
     run_benchmark,
 )
+from pipeline.config import public_text
 
 EXIT_INPUT_ERROR = 2
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (AuditError, FileNotFoundError, ValueError) as error:
-        print(f"evaluate: error: {error}", file=sys.stderr)
+        print(f"evaluate: error: {public_text(str(error))}", file=sys.stderr)
         return EXIT_INPUT_ERROR
 
 

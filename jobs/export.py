@@ -20,7 +20,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from pipeline.config import storage_options_argument
+from pipeline.config import public_text, storage_options_argument
 from pipeline.exports import (
     EXPORT_FORMATS,
     ExportError,
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = run(args)
     except (ExportError, OSError, ValueError, KeyError) as exc:
-        print(f"export.py: error: {exc}", file=sys.stderr)
+        print(f"export.py: error: {public_text(str(exc))}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     print(summary.line())
     return 0

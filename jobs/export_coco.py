@@ -14,7 +14,7 @@ import contextlib
 import sys
 from collections.abc import Sequence
 
-from pipeline.config import storage_options_argument
+from pipeline.config import public_text, storage_options_argument
 from pipeline.storage import is_local
 from schemas import write_coco_json
 from schemas.io import iter_label_rows, output_provenance
@@ -60,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         counts = export(args.labels, args.out, args.storage_options)
     except (OSError, ValueError, KeyError) as exc:  # missing/unreadable output, bad run.json
-        print(f"export_coco.py: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"export_coco.py: error: {type(exc).__name__}: {public_text(str(exc))}",
+              file=sys.stderr)
         return 2
     print(f"wrote {counts['images']} images, {counts['annotations']} annotations "
           f"to {args.out}")

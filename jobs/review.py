@@ -20,6 +20,7 @@ import os
 import sys
 
 from pipeline.audit import AuditError
+from pipeline.config import public_text
 from pipeline.review import LabelStudioError, ReviewConfig, ReviewError, run_review
 from pipeline.review.ranking import RANKINGS
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcome = run_review(config_from_args(args))
     except (ReviewError, LabelStudioError, AuditError, OSError) as error:
-        print(f"review: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"review: error: {public_text(' '.join(str(error).split()))}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     for image_id, reason in outcome.missing_images.items():
         print(f"review: warning: no image for {image_id}: {reason}", file=sys.stderr)
