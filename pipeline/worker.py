@@ -12,8 +12,10 @@ Engine failures are sorted by cause. An image the engine refuses (``ImageInputEr
 not the images' fault: on a shard's first launch it raises :class:`EngineFault`, which fails
 the attempt (the driver replaces the worker and retries the shard). From the second launch
 on, a failing batch is isolated by running its images one at a time, and an image that fails
-alone becomes an ``engine_error`` row, unless every image of a batch of several fails alone
-(then the engine is at fault, and the attempt fails again).
+alone becomes an ``engine_error`` row, unless every image of a batch of several fails alone,
+or ``MAX_FAULT_STREAK`` images in a row fail alone on this worker (a device that broke: with
+``--batch-size 1`` every call is one image), and then the engine is at fault and the attempt
+fails again.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ from .storage import filesystem
 from .writer import write_shard
 
 Item = tuple[RawImage, DecodedImage]
+
+
+#: Images in a row that fail alone, not because of the image, before the engine is blamed.
+MAX_FAULT_STREAK = 3
 
 
 class EngineFault(RuntimeError):
@@ -106,6 +112,7 @@ class LabelWorker:
         self._run_metadata = dict(spec.run_metadata)
         remove_stale_spools()  # left by workers killed mid-shard on this node
         self.engine_seconds = 0.0
+        self._fault_streak = 0  # images in a row that failed alone, not about the image
         self._live: dict[str, int] = {}
         self._beats: dict[str, int] = {}
         self._live_lock = threading.Lock()
@@ -305,6 +312,12 @@ class LabelWorker:
         faults = [r for r in results if isinstance(r, Exception) and not is_image_error(r)]
         if faults and (not isolate or len(faults) == len(images) > 1):
             raise _fault(faults[0], len(images), len(faults)) from faults[0]
+        for result in results:
+            is_fault = isinstance(result, Exception) and not is_image_error(result)
+            self._fault_streak = self._fault_streak + 1 if is_fault else 0
+            if self._fault_streak >= MAX_FAULT_STREAK:
+                self._fault_streak = 0
+                raise _fault(result, len(images), len(faults)) from result
         return results
 
     def _segment_one(self, image: Any) -> Any:

@@ -298,6 +298,33 @@ def test_transient_engine_faults_are_never_error_rows(tmp_path, vocab_file):
         worker.process_shard(shard, attempt=2)  # a retry: isolation shows it is not an image
 
 
+def test_a_broken_device_is_blamed_on_a_retry_even_one_image_at_a_time(tmp_path, vocab_file):
+    from pipeline.worker import MAX_FAULT_STREAK, EngineFault
+
+    (tmp_path / "in").mkdir()
+    for i in range(6):
+        (tmp_path / "in" / f"im{i}.png").write_bytes(encode(photo("coffee", 40 + i)))
+    worker = _worker(tmp_path, vocab_file)
+    worker.spec = dataclasses.replace(worker.spec, compute=ComputeConfig(batch_size=1))
+    stub = worker.engine
+    calls = []
+
+    class StickyFault:  # one image labels, then the device fails every call for good
+        vocabulary = stub.vocabulary
+
+        def segment(self, images, **kwargs):
+            calls.append(len(images))
+            if len(calls) > 1:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return stub.segment(images, **kwargs)
+
+    worker.engine = StickyFault()
+    with pytest.raises(EngineFault, match="CUDA error"):
+        worker.process_shard(list_shards(worker.spec.io)[0], attempt=1)  # a retry (isolating)
+    assert not (tmp_path / "out" / "_done").exists()  # no shard of engine_error rows certified
+    assert len(calls) <= 1 + 2 * MAX_FAULT_STREAK  # blamed after a few images, not all of them
+
+
 def test_images_the_engine_refuses_are_error_rows_on_the_first_attempt(tmp_path, vocab_file):
     from cass_engine import ImageInputError
 
