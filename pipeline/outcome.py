@@ -15,6 +15,7 @@ import ray
 from schemas.completion import check_output
 
 from .config import public_uri
+from .lease import LeaseLost, check_holder
 from .plan import JobPlan, StartupError
 from .progress import Progress
 from .record import is_termination, now_iso, output_totals
@@ -84,19 +85,27 @@ def finish(plan: JobPlan, progress: Progress, failed: list[dict], resources: dic
             exit_code: int | None = None) -> RunSummary:
     limited = unscheduled or progress.truncated
     status = status or ("incomplete" if failed else "limited" if limited else "complete")
+    totals = _output_totals(plan)
     lost = plan.lease is not None and plan.lease.lost.is_set()
     if lost and status != "interrupted":
         status = "incomplete"
+    not_holding = totals.get("shards_not_holding") or []
+    if not_holding and status in ("complete", "limited"):
+        status = "incomplete"  # a certified table went missing or changed during the run
     code = {"incomplete": EXIT_INCOMPLETE, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_OK)
     code = exit_code if exit_code is not None else code
     plan.record.update(failed_shards=failed, unscheduled_shards=unscheduled,
                        this_run=progress.totals())
-    saved = end_record(plan, status, code, resources)
+    saved = end_record(plan, status, code, resources, totals)
     progress.live_images = 0
     progress.maybe_report(force=True)
     progress.emit(progress.summary(status, public_uri(plan.job.io.output_uri)))
     for shard in failed:
         progress.emit(f"[cass-label] failed shard {shard['shard_id']}: {shard['reasons'][-1]}")
+    if not_holding:
+        progress.emit(f"[cass-label] {len(not_holding)} completed shard(s) no longer hold "
+                      f"(table missing or changed): {', '.join(not_holding[:5])}; rerun the "
+                      "same command to relabel them")
     if not saved:
         progress.emit("[cass-label] this run lost the output's lease to another run: its "
                       "run record was not written and its unfinished shards are not in the "
@@ -104,13 +113,14 @@ def finish(plan: JobPlan, progress: Progress, failed: list[dict], resources: dic
     return RunSummary(status, code, plan.record)
 
 
-def end_record(plan: JobPlan, status: str, exit_code: int, resources: dict) -> bool:
+def end_record(plan: JobPlan, status: str, exit_code: int, resources: dict,
+               totals: dict | None = None) -> bool:
     """Final totals (from the completion records, after removing labels objects that no
-    record names), history entry and run record; False when the lease was lost (nothing
-    written)."""
+    record names; ``totals`` when already computed), history entry and run record; False
+    when the lease was lost (nothing written)."""
     record = plan.record
     record.update(status=status, ended_at=now_iso(), resources=resources)
-    record["totals"] = _output_totals(plan)
+    record["totals"] = totals if totals is not None else _output_totals(plan)
     entry = record["history"][-1]
     this_run = record.get("this_run") or {}
     entry.update(status=status, ended_at=record["ended_at"], exit_code=exit_code,
@@ -129,8 +139,13 @@ def _output_totals(plan: JobPlan) -> dict:
     try:
         check = retry(lambda: check_output(plan.out_fs, plan.out_root, plan.fingerprint),
                       "read the completion records")
+        if check.uncertified and plan.lease is not None:  # the flag may be a renewal old
+            check_holder(plan.out_fs, plan.out_root, plan.run_id)
         for path in check.uncertified:
             remove_object(plan.out_fs, path)
+    except LeaseLost:
+        plan.lease.lost.set()
+        return plan.record.get("totals") or {}
     except OSError as exc:
         return {"error": f"could not read the completion records: {type(exc).__name__}"}
     totals = output_totals((c.record for c in check.certified.values()), len(plan.shards))

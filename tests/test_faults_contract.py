@@ -304,6 +304,32 @@ def test_deleted_and_truncated_labels_objects_are_relabelled_exactly(ray_cpus, s
     assert_exactly_once(audit_output(output, s3_server.storage_options, ids))
 
 
+def test_a_certified_table_lost_during_the_run_ends_it_incomplete(ray_cpus, tmp_path,
+                                                                  vocab_file):
+    import fsspec
+
+    (tmp_path / "wds").mkdir()
+    ids = _upload(fsspec.filesystem("file"), str(tmp_path / "wds"), num_shards=4)
+    done_dir, deleted = tmp_path / "out" / "_done", []
+
+    def emit(line: str) -> None:  # a lifecycle rule strikes while the run goes on
+        records = sorted(done_dir.glob("*.json")) if done_dir.exists() else []
+        if records and not deleted:
+            record = json.loads(records[0].read_text())
+            (tmp_path / "out" / record["labels"]).unlink()
+            deleted.append(record["shard_id"])
+
+    job = _job(str(tmp_path / "wds"), str(tmp_path / "out"), vocab_file,
+               stub=StubOptions(seconds_per_image=0.3), actors=1)
+    summary = run_job(job, emit=emit)
+    assert deleted, "no shard was certified while the run went on"
+    assert summary.status == "incomplete" and summary.exit_code == 3  # not "complete", 0
+    assert summary.record["totals"]["shards_not_holding"] == deleted
+    again = run_job(job, emit=lambda _: None)
+    assert again.status == "complete" and again.record["this_run"]["shards_labelled"] == 1
+    assert_exactly_once(audit_output(str(tmp_path / "out"), {}, ids))
+
+
 # ---------------------------------------------------------------------- changed input
 def test_changed_input_is_refused_and_changes_nothing(ray_cpus, s3_server, vocab_file):
     bucket = s3_server.new_bucket()
