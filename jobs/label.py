@@ -312,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = "terminated" if is_termination(exc) else "interrupted"
         print(f"label.py: {what}; rerun the same command to resume", file=sys.stderr)
         return exit_code_of(exc)
+    except Exception as exc:  # an unexpected failure still ends the run and frees the output
+        abandon(plan, "failed", 1, f"{type(exc).__name__}: {public_text(str(exc))}")
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

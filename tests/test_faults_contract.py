@@ -419,6 +419,26 @@ def test_signals_to_the_driver_record_interrupted_and_a_rerun_completes(
 
 
 # ---------------------------------------------------------------------- lease lost
+def test_an_unexpected_failure_after_planning_ends_the_run_and_frees_the_output(
+        tmp_path, vocab_file, monkeypatch):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(encode(photos(1, 40)[0]))
+    out = tmp_path / "out"
+    argv = ["--engine", "stub", "--vocab", str(vocab_file), "--input", str(tmp_path / "in"),
+            "--output", str(out), "--actors", "1"]
+
+    def unreachable(address=None):
+        raise ConnectionError("could not connect to ray://user:pw@10.0.0.9:10001?x=1")
+
+    monkeypatch.setattr(label_job, "init_ray", unreachable)
+    with pytest.raises(ConnectionError):
+        label_job.main(argv)
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "failed" and record["history"][-1]["exit_code"] == 1
+    assert "ConnectionError" in record["error"] and "pw" not in record["error"]
+    assert read_holder(*open_output(str(out))) is None  # a cron retry is not refused
+
+
 def test_a_run_that_loses_its_lease_stops_certifying(ray_cpus, s3_server, vocab_file):
     bucket = s3_server.new_bucket()
     fs = s3_server.filesystem()
