@@ -193,7 +193,7 @@ def _iter_parquet(shard: ShardSpec, fs: Any, image_column: str,
                            error=("decode_error", f"invalid Parquet file: {exc}"))
             return
         columns = [image_column] + ([id_column] if id_column else [])
-        row, seen = 0, set()
+        row, seen = 0, KeySet()  # bounded: ~8 bytes per row
         batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
         while True:
             try:
@@ -216,7 +216,7 @@ def _iter_parquet(shard: ShardSpec, fs: Any, image_column: str,
                 row += 1
 
 
-def _unique_key(key: str, row: int, seen: set[str]) -> str:
+def _unique_key(key: str, row: int, seen: KeySet) -> str:
     """``key``, or ``key~<row>`` (then ``~2``, ...) when an earlier row of the shard took it:
     repeated and null ``--id-column`` values still give unique, deterministic image ids
     (a null's key is its row number, which a real id may also be)."""

@@ -12,6 +12,7 @@ removed when a worker starts (:func:`remove_stale_spools`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import hashlib
 import os
@@ -25,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from schemas.completion import PARTIAL_SUFFIX
 from schemas.labels import label_schema, with_run_metadata
 
 from .storage import is_local, retry
@@ -57,9 +59,14 @@ class SpooledTable:
             return
         directory, name = target.rsplit("/", 1)
         os.makedirs(directory, exist_ok=True)
-        partial = f"{directory}/.{name}.{os.getpid()}.{threading.get_ident()}.partial"
-        shutil.copyfile(self.path, partial)
-        os.replace(partial, target)
+        partial = f"{directory}/.{name}.{os.getpid()}.{threading.get_ident()}{PARTIAL_SUFFIX}"
+        try:
+            shutil.copyfile(self.path, partial)
+            os.replace(partial, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            raise
 
 
 class RowSpool:

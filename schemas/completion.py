@@ -120,8 +120,13 @@ def _parse(blob: Any) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+#: Suffix of a local upload in progress (``pipeline.spool``; renamed into place when whole).
+PARTIAL_SUFFIX = ".partial"
+
+
 def labels_sizes(fs: Any, root: str) -> dict[str, int]:
-    """``{name relative to root: size}`` of every object under ``labels/``."""
+    """``{name relative to root: size}`` of every labels object under ``labels/``, and of
+    the ``*.partial`` files of local uploads cut short (never certified: garbage)."""
     directory = f"{root}/{LABELS_DIR}"
     fs.invalidate_cache(directory)
     try:
@@ -133,7 +138,7 @@ def labels_sizes(fs: Any, root: str) -> dict[str, int]:
         if info.get("type") == "directory":
             continue
         base = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
-        if base.endswith(LABELS_SUFFIX):
+        if base.endswith((LABELS_SUFFIX, PARTIAL_SUFFIX)):
             out[f"{LABELS_DIR}/{base}"] = int(info.get("size") or 0)
     return out
 

@@ -419,6 +419,32 @@ def test_signals_to_the_driver_record_interrupted_and_a_rerun_completes(
 
 
 # ---------------------------------------------------------------------- lease lost
+def test_cut_short_local_uploads_are_removed_or_listed_as_garbage(tmp_path, vocab_file,
+                                                                  monkeypatch):
+    from pipeline.shards import list_shards
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(encode(photos(1, 40)[0]))
+    worker = LabelWorker(WorkerSpec(
+        EngineSpec(CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab_file)),
+                   stub=StubOptions()),
+        IOConfig(str(tmp_path / "in"), str(tmp_path / "out")), ComputeConfig(), "fp", {}))
+
+    def disk_full(src, dst):
+        Path(dst).write_bytes(b"PAR1 half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pipeline.spool.shutil.copyfile", disk_full)
+    shard = list_shards(worker.spec.io)[0]
+    with pytest.raises(OSError, match="No space"):
+        worker.process_shard(shard)
+    assert list((tmp_path / "out" / "labels").iterdir()) == []  # the half copy is gone
+    stray = tmp_path / "out" / "labels" / f".{shard.shard_id}.r-0.parquet.1.2.partial"
+    stray.write_bytes(b"left by a worker killed mid-copy")
+    check = check_output(*open_output(str(tmp_path / "out")))
+    assert check.uncertified == [str(stray)] and not check.certified
+
+
 def test_an_unexpected_failure_after_planning_ends_the_run_and_frees_the_output(
         tmp_path, vocab_file, monkeypatch):
     (tmp_path / "in").mkdir()
