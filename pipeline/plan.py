@@ -179,7 +179,8 @@ def plan_job(job: JobConfig) -> JobPlan:
     vocabulary = _load_vocabulary(job.engine)
     shards = _list_input(job.io)
     identity = {**job.engine.identity(), "vocabulary_hash": vocabulary.content_hash(),
-                "input": input_identity(job.io, shards[0].kind)}
+                "input": input_identity(job.io, shards[0].kind),
+                "confidence": bool(job.io.confidence)}  # which rows carry confidence maps
     fingerprint = fingerprint_of(identity)
     out_fs, out_root = _output(job.io)
     run_id, started_at = new_run_id(), now_iso()

@@ -506,6 +506,8 @@ def test_plan_refuses_to_mix_vocabularies_unless_overwrite(tmp_path, vocab_file)
     plan = _plan(_job(tmp_path, other, overwrite=True))
     assert not (tmp_path / "out" / "labels").exists()
     assert plan.record["categories"][1]["name"] == "dog"
+    with pytest.raises(StartupError, match="confidence: false -> true"):  # rows would mix
+        _plan(_job(tmp_path, other, confidence=True))
 
 
 def test_replacement_worker_with_other_weights_refuses_to_label(tmp_path, vocab_file):
