@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 import re
 import zipfile
 from typing import Any
 
 import torch
+
+#: Largest tensor storage read from an archive (far above any CLIP weight tensor).
+MAX_STORAGE_BYTES = 2**31
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32, "HalfStorage": torch.float16, "DoubleStorage": torch.float64,
@@ -68,6 +72,8 @@ def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tup
     extent = sum((n - 1) * s for n, s in zip(size, stride, strict=True)) if all(size) else -1
     if int(offset) + extent >= storage.numel() and all(size):
         raise UnsafeArchiveError("a tensor reaches beyond its storage")
+    if math.prod(size) > storage.numel():  # overlapping strides (e.g. 0) would multiply it
+        raise UnsafeArchiveError("a tensor is larger than its storage")
     return torch.as_strided(storage, size, stride, int(offset)).clone()
 
 
@@ -113,10 +119,17 @@ class _Unpickler(pickle.Unpickler):
             raise UnsafeArchiveError(f"unknown persistent reference {type(pid).__name__}")
         dtype, key = pid[1].dtype, pid[2]
         if key not in self._storages:
+            name = f"{self._prefix}data/{key}"
             try:
-                raw = self._archive.read(f"{self._prefix}data/{key}")
+                info = self._archive.getinfo(name)
             except KeyError:
                 raise UnsafeArchiveError(f"storage {key!r} is missing") from None
+            if info.file_size > MAX_STORAGE_BYTES or (
+                    info.compress_type != zipfile.ZIP_STORED
+                    and info.file_size > 100 * max(info.compress_size, 1)):
+                raise UnsafeArchiveError(f"storage {key!r} declares {info.file_size} bytes "
+                                         "(too large, or a compression bomb)")
+            raw = self._archive.read(name)
             itemsize = torch.empty((), dtype=dtype).element_size()
             if len(raw) % itemsize:
                 raise UnsafeArchiveError(f"storage {key!r} has a partial element")

@@ -125,6 +125,53 @@ def test_safe_torchscript_reader_matches_jit_load(tmp_path):
         assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
 
 
+class _StorageRef:
+    """Pickled as a persistent storage reference (as torch.jit.save writes them)."""
+
+
+class _StridedTensor:
+    def __init__(self, size: tuple, stride: tuple) -> None:
+        self.size, self.stride = size, stride
+
+    def __reduce__(self):
+        import collections
+
+        return (torch._utils._rebuild_tensor_v2,
+                (_StorageRef(), 0, self.size, self.stride, False, collections.OrderedDict()))
+
+
+class _ArchivePickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            return ("storage", torch.FloatStorage, "0", "cpu", 1)
+        return None
+
+
+def _strided_archive(path: Path, size: tuple, stride: tuple, stored: bytes) -> Path:
+    buffer = io.BytesIO()
+    _ArchivePickler(buffer, protocol=2).dump({"weight": _StridedTensor(size, stride)})
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("m/data.pkl", buffer.getvalue())
+        archive.writestr("m/constants.pkl", pickle.dumps(()))
+        archive.writestr("m/code/__torch__.py", "class M(Module):\n  __parameters__ = []\n")
+        archive.writestr("m/data/0", stored)
+    return path
+
+
+def test_hostile_tensor_shapes_and_bombs_are_refused_without_allocating(tmp_path):
+    from cass_engine.torchscript import UnsafeArchiveError, read_torchscript_state
+
+    ok = _strided_archive(tmp_path / "ok.pt", (2, 2), (2, 1), bytes(16))
+    with pytest.raises(UnsafeArchiveError, match="not a module"):  # its tensor was rebuilt
+        read_torchscript_state(str(ok))
+    broadcast = _strided_archive(tmp_path / "b.pt", (2**20, 2**20), (0, 0), bytes(4))
+    with pytest.raises(UnsafeArchiveError, match="larger than its storage"):
+        read_torchscript_state(str(broadcast))  # 4 TB if it were materialised
+    bomb = _strided_archive(tmp_path / "z.pt", (4,), (1,), bytes(2**26))  # 64 MiB of zeros
+    with pytest.raises(UnsafeArchiveError, match="compression bomb"):
+        read_torchscript_state(str(bomb))
+
+
 @pytest.mark.parametrize("via", ["path", "memory"])
 @pytest.mark.parametrize("loader", [load_clip, load_dino])
 def test_torchscript_setstate_never_runs(loader, via, tmp_path, capfd):
