@@ -4,7 +4,7 @@ Usage::
 
     python jobs/review.py --labels OUTPUT --top K [--by uncertainty|disagreement|random]
         [--seed S] [--exclude-reviewed] --out DIR
-        [--label-studio-url URL --project NAME_OR_ID]
+        [--label-studio-url URL --project NAME_OR_ID] [--storage-options JSON|@FILE]
 
 Writes ``DIR/tasks.json``, ``DIR/labeling_config.xml``, ``DIR/contact_sheet.html`` and adds the
 batch to ``DIR/reviewed.json``. With ``--label-studio-url`` the tasks are imported into the
@@ -15,12 +15,11 @@ variable ``LABEL_STUDIO_API_KEY``. Exit status: 0 done, 2 bad input (one line on
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 from pipeline.audit import AuditError
-from pipeline.config import public_text
+from pipeline.config import public_text, storage_options_argument
 from pipeline.review import LabelStudioError, ReviewConfig, ReviewError, run_review
 from pipeline.review.ranking import RANKINGS
 
@@ -45,21 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"import the tasks into this server (token from ${TOKEN_ENV})")
     p.add_argument("--project", default=None, metavar="NAME_OR_ID",
                    help="Label Studio project title (created if missing) or id")
-    p.add_argument("--storage-options", default=None,
-                   help="JSON object of fsspec storage options for every URI")
+    p.add_argument("--storage-options", type=storage_options_argument, default={},
+                   help="JSON object of fsspec storage options for every URI, or @FILE "
+                        "naming a file that holds it")
     return p
-
-
-def _options(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ReviewError(f"--storage-options is not valid JSON: {error}") from None
-    if not isinstance(options, dict):
-        raise ReviewError("--storage-options must be a JSON object")
-    return options
 
 
 def config_from_args(args: argparse.Namespace) -> ReviewConfig:
@@ -71,7 +59,7 @@ def config_from_args(args: argparse.Namespace) -> ReviewConfig:
         labels=args.labels, out_dir=args.out, top=args.top, by=args.by, seed=args.seed,
         exclude_reviewed=args.exclude_reviewed, embed_images=args.embed_images,
         label_studio_url=args.label_studio_url, project=args.project, token=token,
-        storage_options=_options(args.storage_options))
+        storage_options=dict(args.storage_options))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -276,6 +276,7 @@ def test_label_studio_export_as_ground_truth(tmp_path):
     ('[{"id": 3, "annotations": [{"result": [{"type": "brushlabels", "value": {}}]}]}]',
      "no brushlabels name"),
     ("[{", "not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
 ])
 def test_bad_label_studio_exports_are_one_line_errors(tmp_path, capsys, content, message):
     scene = _scene(tmp_path)
@@ -323,3 +324,183 @@ def test_unreadable_image_is_reported_not_sent(tmp_path, capsys):
     assert record["batches"][0]["image_ids"] == [t["data"]["cass_image_id"] for t in tasks]
     sheet = (out / "contact_sheet.html").read_text()
     assert sheet.count("<figure>") == 3 and "cannot read" in sheet
+
+
+# ---------------------------------------------------------------------- review fixes
+def _row_for(key: str, i: int, shard_id: str, uri: Path, scores, image_id=None,
+             confidence=None) -> dict:
+    from schemas.labels import make_row
+    from schemas.masks import label_map_to_annotations
+
+    labels = _label_map(i)
+    return make_row(shard_id=shard_id, source_uri=str(uri), key=key, width=16, height=12,
+                    annotations=label_map_to_annotations(labels, np.asarray(scores)),
+                    presence=[0.3, 0.4, 0.3], num_categories=3, image_id=image_id,
+                    confidence=confidence)
+
+
+def _with_run_record(labels: Path, **extra) -> None:
+    path = labels / "run.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **extra}))
+
+
+def _task_photos(out: Path) -> dict[str, np.ndarray]:
+    tasks = json.loads((out / "tasks.json").read_text())
+    return {t["data"]["cass_image_id"]: np.asarray(Image.open(io.BytesIO(base64.b64decode(
+        t["data"]["image"].split(",", 1)[1])))) for t in tasks}
+
+
+def test_images_come_through_the_pipeline_readers_matched_on_image_id(tmp_path):
+    """.pq shards are shards, repeated Parquet ids and tar keys that took a suffix or the full
+    member name get their own row's image (not the first row of that key)."""
+    rng = np.random.default_rng(5)
+    photos = [(rng.random((12, 16, 3)) * 255).astype(np.uint8) for _ in range(5)]
+    pq_path = tmp_path / "shard.pq"
+    pq.write_table(pa.table({"image": [_png(photos[0]), _png(photos[1])],
+                             "id": ["same", "same"]}), pq_path)
+    tar_path = tmp_path / "x.tar"
+    with tarfile.open(tar_path, "w") as archive:
+        for name, photo in (("x.png", photos[2]), ("x.jpg", photos[3])):
+            data = _png(photo)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    low = [0.1, 0.1, 0.1]
+    rows = {"p0": [_row_for("same", 0, "p0", pq_path, low),
+                   _row_for("same", 1, "p0", pq_path, low, image_id="p0/same~1")],
+            "t0": [_row_for("x", 2, "t0", tar_path, low), _row_for("x.jpg", 3, "t0", tar_path,
+                                                                   low)]}
+    labels = tmp_path / "out"
+    write_labels_output(str(labels), rows, CLASSES)
+    _with_run_record(labels, io={"image_column": "image", "id_column": "id"})
+    out = tmp_path / "review"
+    assert review_main(["--labels", str(labels), "--top", "4", "--out", str(out)]) == 0
+    got = _task_photos(out)
+    expected = {"p0/same": 0, "p0/same~1": 1, "t0/x": 2, "t0/x.jpg": 3}
+    assert set(got) == set(expected)
+    for image_id, index in expected.items():
+        assert np.array_equal(got[image_id], photos[index]), image_id
+
+
+def test_contact_sheet_decodes_only_allowed_formats_within_the_pixel_bound():
+    from pipeline.review.sheet import decode_photo
+
+    photo = (np.random.default_rng(1).random((12, 16, 3)) * 255).astype(np.uint8)
+    ppm = io.BytesIO()
+    Image.fromarray(photo).save(ppm, format="PPM")  # Pillow reads it; the pipeline does not
+    assert decode_photo(ppm.getvalue()) is None
+    assert np.array_equal(decode_photo(_png(photo)), photo)
+    assert decode_photo(_png(photo), max_pixels=100) is None  # 192 pixels > 100
+
+
+def test_each_imported_batch_is_recorded_before_the_next(tmp_path, monkeypatch):
+    """A failure in the second import request leaves the first batch in reviewed.json, so
+    --exclude-reviewed does not send it again."""
+    from pipeline.review import client as client_module
+    from pipeline.review.tasks import labeling_config
+    from schemas.labels import categories_from_classes
+
+    scene = _scene(tmp_path)
+    posts = []
+
+    def fake_json(self, method, path, **kwargs):
+        if method == "GET" and path == "/api/projects":
+            return {"results": []}
+        if method == "GET":
+            return {"id": 5, "title": "t",
+                    "label_config": labeling_config(categories_from_classes(CLASSES))}
+        posts.append(json.loads(kwargs["data"]))
+        if len(posts) == 2:
+            raise client_module.LabelStudioError("Label Studio POST failed: HTTP 500")
+        return {"task_count": len(posts[-1])}
+
+    monkeypatch.setattr(client_module.LabelStudioClient, "_json", fake_json)
+    monkeypatch.setattr(client_module, "IMPORT_BATCH_BYTES", 1)  # one task per request
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "legacy-token")
+    args = ("--top", "3", "--label-studio-url", "http://127.0.0.1:9", "--project", "5")
+    assert _review(scene, *args) == 2
+    record = json.loads((Path(scene["out"]) / "reviewed.json").read_text())
+    first = posts[0][0]["data"]["cass_image_id"]
+    assert [b["image_ids"] for b in record["batches"]] == [[first]]
+    assert record["batches"][0]["label_studio"]["project_id"] == 5
+    posts.clear()
+    assert _review(scene, *args, "--exclude-reviewed") == 2
+    assert posts[0][0]["data"]["cass_image_id"] != first
+
+
+def test_duplicate_image_tasks_keep_the_latest_annotation(tmp_path, capsys):
+    from pipeline.audit.gt_labelstudio import LabelStudioGroundTruth
+
+    scene = _scene(tmp_path)
+    names = ["background", "cat & dog", "sky <blue>"]
+    corrected = _label_map(0)
+    corrected[5:8, 6:10] = 2
+    old = _export_task("s0/img0.png", _label_map(0), names)
+    old["annotations"][0]["updated_at"] = "2025-01-01T00:00:00Z"
+    new = _export_task("s0/img0.png", corrected, names, id=8)
+    export = [new, old]  # the latest one first: order must not matter
+    gt = LabelStudioGroundTruth(export, "e")
+    assert gt.duplicate_tasks == 1 and "1 duplicate" in gt.description
+    assert np.array_equal(gt.load("s0/img0.png").label_map, corrected)
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(export))
+    report = tmp_path / "report"
+    assert audit_main(["--labels", scene["labels"], "--gt-format", "labelstudio",
+                       "--ground-truth", str(path), "--report", str(report),
+                       "--no-progress"]) == 0
+    assert json.loads((report / "metrics.json").read_text())["num_images"] == 1
+
+
+def test_records_and_sheet_show_public_uris(tmp_path):
+    from pipeline.review.runner import ReviewConfig, _batch_record, _write_files
+
+    config = ReviewConfig(labels="s3://AKIAKEY:topsecret@bucket/out?X-Amz-Signature=sig",
+                          out_dir=str(tmp_path / "r"), top=1,
+                          label_studio_url="http://me:pw@127.0.0.1:8080/?token=tok",
+                          project="p")
+    record = json.dumps(_batch_record(config, [], {"id": 1, "title": "p"}, None))
+    _write_files(config, [], [], [], {"loaded": {}, "missing": {}, "max_pixels": 10}, None)
+    sheet = (tmp_path / "r" / "contact_sheet.html").read_text()
+    for text in (record, sheet):
+        for secret in ("topsecret", "AKIAKEY", "sig", "pw", "tok"):
+            assert secret not in text
+    assert "bucket/out" in sheet and "127.0.0.1:8080" in record
+
+
+def test_random_weights_are_recorded(tmp_path):
+    scene = _scene(tmp_path)
+    _with_run_record(Path(scene["labels"]), engine={"random_weights": 3})
+    assert _review(scene, "--top", "2") == 0
+    out = Path(scene["out"])
+    tasks = json.loads((out / "tasks.json").read_text())
+    assert all("random-weights-3" in t["predictions"][0]["model_version"] for t in tasks)
+    assert "Random weights</b> (seed 3)" in (out / "contact_sheet.html").read_text()
+    assert json.loads((out / "reviewed.json").read_text())["batches"][0]["random_weights"] == 3
+    (tmp_path / "plain").mkdir()
+    plain = _scene(tmp_path / "plain")
+    assert _review(plain, "--top", "1") == 0
+    assert "random" not in json.loads((Path(plain["out"]) / "tasks.json").read_text())[0][
+        "predictions"][0]["model_version"]
+
+
+def test_storage_options_from_a_file(tmp_path):
+    scene = _scene(tmp_path)
+    options = tmp_path / "options.json"
+    options.write_text("{}")
+    assert _review(scene, "--top", "1", "--storage-options", f"@{options}") == 0
+
+
+def test_uncertainty_uses_the_confidence_map_when_rows_have_one(tmp_path):
+    from schemas.confidence import encode_confidence
+
+    doubtful = np.full((12, 16), 0.9, np.float32)
+    doubtful[:6] = 0.3  # half the pixels below 0.5
+    sure = np.full((12, 16), 0.95, np.float32)
+    path = tmp_path / "a.png"
+    rows = [_row_for("a", 0, "s0", path, [0.99, 0.99, 0.99], confidence=encode_confidence(
+                doubtful)),
+            _row_for("b", 1, "s0", path, [0.1, 0.1, 0.1], confidence=encode_confidence(sure))]
+    assert uncertainty(rows[0], 3) == pytest.approx(0.5)
+    assert uncertainty(rows[1], 3) == pytest.approx(0.0)
+    assert [r.image_id for r in top_k(rows, 2, "uncertainty", 3)] == ["s0/a", "s0/b"]
+    assert uncertainty(dict(rows[0], confidence=b"not a png"), 3) == 1.0

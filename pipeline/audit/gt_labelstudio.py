@@ -4,6 +4,8 @@ Each exported task with at least one annotation that was not cancelled is one gr
 image; tasks nobody annotated are not ground truth (their labels rows are unmatched). Rules:
 
 - Which annotation: the one updated last (then the highest id) among those not cancelled.
+  An image in several annotated tasks (sent twice) keeps the latest-updated annotation across
+  those tasks (then the later task); the duplicates are counted in the description.
 - Key: the task's ``data.cass_image_id`` (written by ``jobs/review.py``), else ``task-<id>``;
   the image URL's file name is an alias (not for ``data:`` URIs).
 - Categories: every brush label name used in the chosen annotations, sorted by name;
@@ -53,6 +55,9 @@ def read_export(uri: str, storage_options: Mapping | None = None,
         raise AuditError(f"Label Studio export {uri} is larger than {max_bytes} bytes")
     try:
         return json.loads(data.decode("utf-8-sig"))
+    except RecursionError:
+        raise AuditError(f"Label Studio export {uri} is nested too deeply to be a task "
+                         "list") from None
     except (UnicodeDecodeError, ValueError) as error:
         raise AuditError(f"Label Studio export {uri} is not valid JSON: {error}") from None
 
@@ -71,16 +76,27 @@ class LabelStudioGroundTruth(GroundTruth):
             raise AuditError(f"{description}: expected a JSON list of tasks")
         self._results: dict[str, tuple[str, list]] = {}
         self.skipped_regions = 0
+        self.duplicate_tasks = 0
         self.not_ok: list[str] = []
-        names: set[str] = set()
+        chosen: dict[str, tuple[tuple, str, list, dict]] = {}
         for position, task in enumerate(tasks):
-            self._add_task(task, position, names, description)
+            self._add_task(task, position, chosen, description)
+        names: set[str] = set()
+        for key, (_, where, brushes, data) in chosen.items():
+            if not brushes:  # reviewed, but nothing painted: no pixel is known
+                self.not_ok.append(key)
+                continue
+            names.update(_label_of(region, where) for region in brushes)
+            self._results[key] = (where, brushes)
+            self.index.add(key, _aliases(key, data))
         self.categories = [GtCategory(n, (), None) for n in sorted(names)]
         self._index_of = {c.name: g for g, c in enumerate(self.categories)}
+        duplicates = (f"; {self.duplicate_tasks} duplicate tasks of an image already seen, "
+                      "latest annotation kept" if self.duplicate_tasks else "")
         self.description = (f"Label Studio export {description} ({len(self._results)} "
-                            f"reviewed of {len(tasks)} tasks)")
+                            f"reviewed of {len(tasks)} tasks{duplicates})")
 
-    def _add_task(self, task: object, position: int, names: set[str], source: str) -> None:
+    def _add_task(self, task: object, position: int, chosen: dict, source: str) -> None:
         if not isinstance(task, dict):
             raise AuditError(f"{source}: task #{position} is not an object")
         where = f"{source}: task {task.get('id', '#' + str(position))}"
@@ -89,22 +105,22 @@ class LabelStudioGroundTruth(GroundTruth):
             return
         data = task.get("data") if isinstance(task.get("data"), dict) else {}
         key = str(data.get("cass_image_id") or f"task-{task.get('id', position)}")
-        if key in self._results:
-            raise AuditError(f"{where}: image {key!r} appears in two tasks")
         results = annotation.get("result")
         if not isinstance(results, list):
             raise AuditError(f"{where}: annotation result must be a list")
         brushes = [r for r in results if isinstance(r, dict)
                    and str(r.get("type", "")).lower() == "brushlabels"]
         self.skipped_regions += len(results) - len(brushes)
-        if not brushes:  # reviewed, but nothing painted: no pixel is known
-            self.not_ok.append(key)
-            return
         for region in brushes:
-            names.add(_label_of(region, where))
-        _common_size(brushes, where)
-        self._results[key] = (where, brushes)
-        self.index.add(key, _aliases(key, data))
+            _label_of(region, where)
+        if brushes:
+            _common_size(brushes, where)
+        order = (*_annotation_order(annotation), position)
+        if key in chosen:
+            self.duplicate_tasks += 1
+            if chosen[key][0] > order:
+                return
+        chosen[key] = (order, where, brushes, data)
 
     def load(self, key: str) -> GtImage:
         """Paint the chosen annotation's brush regions into a label map."""
@@ -131,8 +147,13 @@ def _chosen_annotation(annotations: object, where: str) -> dict | None:
     usable = [a for a in annotations if isinstance(a, dict) and not a.get("was_cancelled")]
     if not usable:
         return None
-    return max(usable, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""),
-                                      _int_or(a.get("id"), -1)))
+    return max(usable, key=_annotation_order)
+
+
+def _annotation_order(annotation: dict) -> tuple[str, int]:
+    """Latest update (then creation) time, then id: the larger, the more recent."""
+    return (str(annotation.get("updated_at") or annotation.get("created_at") or ""),
+            _int_or(annotation.get("id"), -1))
 
 
 def _label_of(region: dict, where: str) -> str:

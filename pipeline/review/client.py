@@ -10,7 +10,7 @@ unreachable server, rejected token, unknown project, or the server's own reason.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import requests
@@ -123,14 +123,24 @@ class LabelStudioClient:
         return self._json("POST", "/api/projects",
                           json={"title": title, "label_config": label_config})
 
-    def import_tasks(self, project_id: int, tasks: Sequence[dict]) -> int:
-        """Import tasks (with their predictions) in batches; returns the number imported."""
+    def import_tasks(self, project_id: int, tasks: Sequence[dict],
+                     on_batch: Callable[[list[dict]], None] | None = None) -> int:
+        """Import tasks (with their predictions) in batches; returns the number imported.
+
+        Args:
+            project_id: the project.
+            tasks: the tasks.
+            on_batch: called with each batch right after the server accepted it (so callers
+                can record what was sent even when a later batch fails).
+        """
         imported = 0
         for batch in _batches(tasks, IMPORT_BATCH_BYTES):
             body = json.dumps(batch).encode("utf-8")
             result = self._json("POST", f"/api/projects/{project_id}/import", data=body,
                                 headers={"Content-Type": "application/json"})
             imported += int(result.get("task_count", len(batch)))
+            if on_batch is not None:
+                on_batch(batch)
         return imported
 
     def export_tasks(self, project_id: int, max_bytes: int = MAX_EXPORT_BYTES) -> list:
@@ -146,6 +156,9 @@ class LabelStudioClient:
             chunks.append(chunk)
         try:
             data = json.loads(b"".join(chunks))
+        except RecursionError:
+            raise LabelStudioError(f"Label Studio export of project {project_id} is nested "
+                                   "too deeply") from None
         except ValueError:
             raise LabelStudioError(f"Label Studio export of project {project_id} is not "
                                    "JSON") from None

@@ -1,20 +1,25 @@
-"""The photographs behind labels rows: bytes from loose files, tar members or Parquet rows.
+"""The photographs behind labels rows, read through the pipeline's own readers.
 
-A row names its image by ``source_uri`` (the file, or the shard holding it) and ``key``
-(the member stem in a tar shard, the id-column value or zero-padded row number in a Parquet
-shard). Shards are read once for all the selected images they hold; tar members are streamed
-and matched by the same key rule the labeling job uses (member names are never paths here).
-Images larger than ``max_bytes`` are not read.
+A row names its image by ``source_uri`` (the file, or the shard holding it), ``shard_id`` and
+``image_id``. Shards (tar, ``.parquet``/``.pq``) are streamed once for all the selected images
+they hold with :func:`pipeline.readers.iter_raw_images`, and each item is matched on the
+``image_id`` the labeling job gave it (``<shard_id>/<key>``, or the reader's own id for a
+repeated Parquet id), so tar keys that took a ``~n`` suffix or the full member name, and rows
+of repeated Parquet ids, find their own bytes. Image-file rows read their own file. Member
+names are never paths here. Images larger than ``max_bytes`` are not read.
 """
 
 from __future__ import annotations
 
 import base64
-import tarfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from schemas.io import open_output
+from pipeline.readers import iter_raw_images
+from pipeline.shards import ShardSpec
+from pipeline.source_images import source_kind
+from pipeline.storage import filesystem, read_bytes
+from schemas.labels import make_image_id
 
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 CLOUD_SCHEMES = ("s3://", "gs://", "gcs://")
@@ -29,21 +34,17 @@ class SourceRef:
     image_id: str
     source_uri: str
     key: str
+    shard_id: str = ""
 
     @property
     def kind(self) -> str:
-        """``tar``, ``parquet`` or ``file``."""
-        lower = self.source_uri.lower()
-        if lower.endswith(".tar"):
-            return "tar"
-        if lower.endswith(".parquet"):
-            return "parquet"
-        return "file"
+        """``webdataset``, ``parquet`` or ``images`` (the pipeline's shard kinds)."""
+        return source_kind(self.source_uri)
 
     @property
     def cloud_url(self) -> str | None:
         """The object URL when the image is its own object in S3 or GCS, else ``None``."""
-        if self.kind == "file" and self.source_uri.startswith(CLOUD_SCHEMES):
+        if self.kind == "images" and self.source_uri.startswith(CLOUD_SCHEMES):
             return self.source_uri.replace("gcs://", "gs://", 1)
         return None
 
@@ -77,11 +78,11 @@ def load_images(refs: Iterable[SourceRef], storage_options: Mapping | None = Non
     Returns:
         ``image_id -> bytes`` (or ``image_id -> str`` error message).
     """
-    by_source: dict[str, list[SourceRef]] = {}
+    by_source: dict[tuple[str, str], list[SourceRef]] = {}
     for ref in refs:
-        by_source.setdefault(ref.source_uri, []).append(ref)
+        by_source.setdefault((ref.source_uri, ref.shard_id), []).append(ref)
     out: dict[str, bytes | str] = {}
-    for uri, group in by_source.items():
+    for (uri, _), group in by_source.items():
         try:
             found = _read_source(uri, group, storage_options, parquet_columns, max_bytes)
         except Exception as error:  # noqa: BLE001 - any unreadable source is reported per image
@@ -94,67 +95,33 @@ def load_images(refs: Iterable[SourceRef], storage_options: Mapping | None = Non
 
 def _read_source(uri: str, group: list[SourceRef], options: Mapping | None,
                  columns: tuple[str, str | None], max_bytes: int) -> dict[str, bytes | str]:
-    fs, path = open_output(uri, options)
+    fs, path = filesystem(uri, options)
     kind = group[0].kind
-    if kind == "file":
+    if kind == "images":
         size = fs.size(path)
         if size is not None and size > max_bytes:
             return {r.image_id: f"{uri} has {size} bytes (limit {max_bytes})" for r in group}
-        with fs.open(path, "rb") as f:
-            data = f.read()
+        data = read_bytes(fs, path)
         return {r.image_id: data for r in group}
-    with fs.open(path, "rb") as f:
-        if kind == "tar":
-            return _from_tar(f, group, max_bytes)
-        return _from_parquet(f, group, columns, max_bytes)
-
-
-def _from_tar(f, group: list[SourceRef], max_bytes: int) -> dict[str, bytes | str]:
-    from pipeline.readers import tar_key
-    from pipeline.shards import IMAGE_EXTENSIONS, printable
-
-    wanted = {r.key: r.image_id for r in group}
+    shard = ShardSpec(group[0].shard_id, kind, (path,), (), uri, "")
+    wanted = {r.image_id for r in group}
     out: dict[str, bytes | str] = {}
-    with tarfile.open(fileobj=f, mode="r|") as archive:
-        for member in archive:
-            if not member.isfile() or not member.name.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            image_id = wanted.get(printable(tar_key(member.name))) or wanted.get(
-                printable(member.name))
-            if image_id is None or image_id in out:
-                continue
-            if member.size > max_bytes:
-                out[image_id] = f"tar member has {member.size} bytes (limit {max_bytes})"
-                continue
-            handle = archive.extractfile(member)
-            out[image_id] = handle.read() if handle is not None else b""
-            if len(out) == len(wanted):
-                break
-    return out
-
-
-def _from_parquet(f, group: list[SourceRef], columns: tuple[str, str | None],
-                  max_bytes: int) -> dict[str, bytes | str]:
-    import pyarrow.parquet as pq
-
-    from pipeline.readers import image_bytes
-
-    image_column, id_column = columns
-    wanted = {r.key: r.image_id for r in group}
-    out: dict[str, bytes | str] = {}
-    parquet = pq.ParquetFile(f)
-    names = [image_column] + ([id_column] if id_column else [])
-    row = 0
-    for batch in parquet.iter_batches(batch_size=64, columns=names):
-        images = batch.column(image_column).to_pylist()
-        ids = batch.column(id_column).to_pylist() if id_column else [None] * len(images)
-        for value, ident in zip(images, ids, strict=True):
-            key = str(ident) if ident is not None else f"{row:08d}"
-            row += 1
-            if key in wanted and wanted[key] not in out:
-                data = image_bytes(value)
-                out[wanted[key]] = data if len(data) <= max_bytes else \
-                    f"Parquet image has {len(data)} bytes (limit {max_bytes})"
+    archive_error = None
+    for raw in iter_raw_images(shard, fs, columns[0] or "image", columns[1], max_bytes):
+        image_id = raw.image_id or make_image_id(shard.shard_id, raw.key)
+        if image_id not in wanted or image_id in out:
+            if raw.error is not None and raw.error[0] == "decode_error":
+                archive_error = raw.error  # the shard itself is damaged
+            continue
+        if raw.error is not None:
+            out[image_id] = f"{raw.error[0]}: {raw.error[1]}"
+            continue
+        data = raw.data if raw.data is not None else b""
+        out[image_id] = data if len(data) <= max_bytes else \
+            f"image has {len(data)} bytes (limit {max_bytes})"
         if len(out) == len(wanted):
             break
+    if archive_error is not None:
+        for image_id in wanted - set(out):
+            out[image_id] = f"cannot read {uri}: {archive_error[0]}: {archive_error[1]}"
     return out

@@ -3,11 +3,13 @@
 Scores use what every output row has (mask scores, areas, presence); each lies in ``[0, 1]``,
 higher = review sooner:
 
-- ``uncertainty``: ``1 - sum_c area_c * score_c / (H * W)``, one minus the area-weighted mean
-  mask score. A mask's score is the mean probability of its class over its pixels, so this is
-  one minus the mean winning-class probability over the image's pixels: the expected share of
-  pixels the engine itself doubts. (When outputs carry per-pixel confidence, the share of
-  low-confidence pixels can replace it in :func:`uncertainty`.)
+- ``uncertainty``: for a row with a confidence map (the ``confidence`` column, schema 1.1,
+  :mod:`schemas.confidence`), the share of its pixels whose confidence (the probability of
+  the pixel's label) is below :data:`LOW_CONFIDENCE` = 0.5, i.e. whose quantised level is
+  below ``level_of(0.5)``; a map that cannot be decoded scores 1 (review it). For a row
+  without one, ``1 - sum_c area_c * score_c / (H * W)``, one minus the area-weighted mean mask
+  score: a mask's score is the mean probability of its class over its pixels, so this is one
+  minus the mean winning-class probability over the image's pixels.
 - ``disagreement``: the total-variation distance between the image-level presence scores
   (normalised to sum to 1) and the classes' pixel fractions: how differently the global
   classifier and the pixel decision read what the image contains (a class painted over much
@@ -29,8 +31,10 @@ import numpy as np
 
 RANKINGS = ("uncertainty", "disagreement", "random")
 #: Label-table columns the scores read (add a confidence column here with its score).
-ROW_COLUMNS = ["image_id", "source_uri", "key", "width", "height", "status", "annotations",
-               "presence"]
+ROW_COLUMNS = ["image_id", "shard_id", "source_uri", "key", "width", "height", "status",
+               "annotations", "presence", "confidence"]
+#: Pixels below this confidence count as doubtful in :func:`uncertainty`.
+LOW_CONFIDENCE = 0.5
 
 
 @dataclass(frozen=True, order=True)
@@ -75,8 +79,18 @@ def mean_mask_score(row: Mapping) -> float:
 
 
 def uncertainty(row: Mapping, num_classes: int) -> float:
-    """One minus the area-weighted mean mask score (see the module docstring)."""
-    return 1.0 - mean_mask_score(row)
+    """Share of pixels below :data:`LOW_CONFIDENCE` when the row has a confidence map, else one
+    minus the area-weighted mean mask score (see the module docstring)."""
+    confidence = row.get("confidence")
+    if not confidence:
+        return 1.0 - mean_mask_score(row)
+    from schemas.confidence import decode_levels, level_of
+
+    try:
+        levels = decode_levels(bytes(confidence), int(row["height"]), int(row["width"]))
+    except Exception:  # noqa: BLE001 - an unreadable map is worth a look, not a crash
+        return 1.0
+    return float(np.mean(levels < level_of(LOW_CONFIDENCE)))
 
 
 def disagreement(row: Mapping, num_classes: int) -> float:

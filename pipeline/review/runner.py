@@ -5,8 +5,11 @@ Files written to ``DIR`` (any fsspec URI):
 - ``tasks.json``: Label Studio tasks with the pseudo-labels as predictions (:mod:`.tasks`);
 - ``labeling_config.xml``: the matching ``BrushLabels`` config;
 - ``contact_sheet.html``: the selected overlays, self-contained;
-- ``reviewed.json``: every batch sent from this folder (image ids, ranking, seed, time and the
-  Label Studio project), read by ``exclude_reviewed`` to skip images already sent.
+- ``reviewed.json``: every batch sent from this folder (image ids, ranking, seed, time, the
+  random-weights seed of the labels and the Label Studio project), read by
+  ``exclude_reviewed`` to skip images already sent. When tasks are imported, the record is
+  rewritten after each import request the server accepted, so a failure part-way leaves the
+  images already imported recorded. URIs in it are public (no user info, no query).
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pipeline.audit.predictions import open_labels
-from schemas.io import iter_label_rows, open_output, read_run_record
+from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS, public_uri
+from schemas.io import iter_label_rows, open_output, output_provenance, read_run_record
 
 from .client import LabelStudioClient, LabelStudioError
 from .images import SourceRef, data_uri, load_images
 from .ranking import RANKINGS, ROW_COLUMNS, Ranked, top_k
 from .sheet import decode_photo, overlay_png, render_sheet
-from .tasks import build_task, labeling_config
+from .tasks import ID_KEY, build_task, labeling_config
 
 REVIEWED = "reviewed.json"
 FILES = ("tasks.json", "labeling_config.xml", "contact_sheet.html")
@@ -108,9 +112,11 @@ def reviewed_ids(record: Mapping) -> set[str]:
 
 
 def _image_refs(items: list[Ranked], config: ReviewConfig, io: Mapping) -> tuple[dict, dict]:
-    refs = [SourceRef(i.image_id, str(i.row["source_uri"]), str(i.row["key"])) for i in items]
+    refs = [SourceRef(i.image_id, str(i.row["source_uri"]), str(i.row["key"]),
+                      str(i.row.get("shard_id") or "")) for i in items]
     loaded = load_images(refs, config.storage_options,
                          (io.get("image_column") or "image", io.get("id_column")))
+    max_pixels = int(io.get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS)
     chosen, missing = {}, {}
     for ref in refs:
         data = loaded[ref.image_id]
@@ -120,7 +126,7 @@ def _image_refs(items: list[Ranked], config: ReviewConfig, io: Mapping) -> tuple
             chosen[ref.image_id] = data_uri(data)
         if not isinstance(data, bytes):
             missing[ref.image_id] = data
-    return chosen, {"loaded": loaded, "missing": missing}
+    return chosen, {"loaded": loaded, "missing": missing, "max_pixels": max_pixels}
 
 
 def _write(fs, path: str, text: str) -> None:
@@ -139,7 +145,7 @@ def _connect(config: ReviewConfig) -> tuple[LabelStudioClient, dict | None]:
 
 
 def _push(client: LabelStudioClient, project: dict | None, config: ReviewConfig, categories,
-          tasks: list[dict]) -> tuple[dict, int]:
+          tasks: list[dict], on_batch) -> tuple[dict, int]:
     if project is None:
         project = client.create_project(str(config.project), labeling_config(categories))
     missing = sorted({c.name for c in categories} - config_labels(project.get("label_config")))
@@ -149,7 +155,8 @@ def _push(client: LabelStudioClient, project: dict | None, config: ReviewConfig,
                           f"{', '.join(map(repr, missing[:5]))}"
                           f"{' ...' if len(missing) > 5 else ''}; use a new project or add "
                           "them to its labeling config (see labeling_config.xml)")
-    return project, client.import_tasks(int(project["id"]), tasks)
+    return project, client.import_tasks(int(project["id"]), tasks,
+                                        lambda batch: on_batch(project, batch))
 
 
 def config_labels(label_config: object) -> set[str]:
@@ -179,18 +186,48 @@ def run_review(config: ReviewConfig) -> ReviewOutcome:
     rows = iter_label_rows(config.labels, config.storage_options, columns=ROW_COLUMNS)
     items = top_k(rows, config.top, config.by, len(labels.categories), config.seed, exclude)
     refs, images = _image_refs(items, config, _io_record(config))
-    version = f"cass-labeler {str(labels.vocabulary_hash or '')[:12]}".strip()
+    seed = _random_weights(config)
+    version = model_version(labels.vocabulary_hash, seed)
     sendable = [i for i in items if i.image_id in refs]
     tasks = [build_task(item, rank, refs[item.image_id], labels.categories, version)
              for rank, item in enumerate(sendable, start=1)]
-    files = _write_files(config, labels.categories, items, tasks, images)
+    files = _write_files(config, labels.categories, items, tasks, images, seed)
     outcome = ReviewOutcome(items, files, images["missing"])
-    if studio is not None:
-        outcome.project, outcome.imported = _push(*studio, config, labels.categories, tasks)
-    record["batches"].append(_batch_record(config, sendable, outcome.project))
     fs, root = open_output(config.out_dir, config.storage_options)
-    _write(fs, f"{root}/{REVIEWED}", json.dumps(record, indent=1))
+    if studio is None:
+        record["batches"].append(_batch_record(config, sendable, None, seed))
+        _write(fs, f"{root}/{REVIEWED}", json.dumps(record, indent=1))
+        return outcome
+    entry = _batch_record(config, [], None, seed)
+    by_id = {i.image_id: i for i in sendable}
+
+    def recorded(project: dict, batch: list[dict]) -> None:  # after each accepted import
+        if entry not in record["batches"]:
+            record["batches"].append(entry)
+        sent = [by_id[t["data"][ID_KEY]] for t in batch]
+        entry["image_ids"] += [i.image_id for i in sent]
+        entry["scores"] += [round(i.score, 6) for i in sent]
+        entry["label_studio"] = _studio_record(config, project)
+        _write(fs, f"{root}/{REVIEWED}", json.dumps(record, indent=1))
+
+    outcome.project, outcome.imported = _push(*studio, config, labels.categories, tasks,
+                                              recorded)
     return outcome
+
+
+def model_version(vocabulary_hash: str | None, random_weights: int | None) -> str:
+    """The predictions' ``model_version``: the vocabulary hash, and the random-weights seed
+    when the labels did not come from the real model."""
+    version = f"cass-labeler {str(vocabulary_hash or '')[:12]}".strip()
+    return version if random_weights is None else f"{version} random-weights-{random_weights}"
+
+
+def _random_weights(config: ReviewConfig) -> int | None:
+    """The random-weights seed of the labels (run.json / categories provenance), or None."""
+    try:
+        return output_provenance(config.labels, config.storage_options)["random_weights"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _io_record(config: ReviewConfig) -> dict:
@@ -202,29 +239,38 @@ def _io_record(config: ReviewConfig) -> dict:
 
 
 def _write_files(config: ReviewConfig, categories, items: list[Ranked], tasks: list[dict],
-                 images: dict) -> list[str]:
+                 images: dict, random_weights: int | None) -> list[str]:
     """Write tasks, labeling config and contact sheet; returns their URIs."""
-    overlays = [overlay_png(i.row, decode_photo(images["loaded"][i.image_id]), categories)
-                for i in items]
-    sheet = render_sheet(items, overlays, config.by, f"Review batch: {config.labels}",
-                         images["missing"])
+    max_pixels = images["max_pixels"]
+    overlays = [overlay_png(i.row, decode_photo(images["loaded"][i.image_id], max_pixels),
+                            categories) for i in items]
+    sheet = render_sheet(items, overlays, config.by,
+                         f"Review batch: {public_uri(config.labels)}", images["missing"],
+                         random_weights)
     fs, root = open_output(config.out_dir, config.storage_options)
     fs.makedirs(root, exist_ok=True)
     files = []
     texts = (json.dumps(tasks), labeling_config(categories), sheet)
     for name, text in zip(FILES, texts, strict=True):
         _write(fs, f"{root}/{name}", text)
-        files.append(f"{config.out_dir.rstrip('/')}/{name}")
+        files.append(f"{public_uri(config.out_dir.rstrip('/'))}/{name}")
     return files
 
 
-def _batch_record(config: ReviewConfig, sent: list[Ranked], project: dict | None) -> dict:
+def _batch_record(config: ReviewConfig, sent: list[Ranked], project: dict | None,
+                  random_weights: int | None) -> dict:
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "labels": config.labels, "by": config.by, "seed": config.seed, "top": config.top,
+        "labels": public_uri(config.labels), "random_weights": random_weights,
+        "by": config.by, "seed": config.seed, "top": config.top,
         "image_ids": [i.image_id for i in sent],
         "scores": [round(i.score, 6) for i in sent],
-        "label_studio": None if project is None else {
-            "url": config.label_studio_url, "project_id": project.get("id"),
-            "project_title": project.get("title")},
+        "label_studio": _studio_record(config, project),
     }
+
+
+def _studio_record(config: ReviewConfig, project: dict | None) -> dict | None:
+    if project is None:
+        return None
+    return {"url": public_uri(config.label_studio_url), "project_id": project.get("id"),
+            "project_title": project.get("title")}

@@ -8,8 +8,9 @@ from collections.abc import Mapping, Sequence
 from html import escape
 
 import numpy as np
-from PIL import Image
 
+from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS
+from pipeline.decode import decode_image
 from schemas.labels import Category
 from schemas.masks import annotations_to_label_map
 
@@ -57,21 +58,22 @@ def _fit(image: np.ndarray, labels: np.ndarray, max_side: int) -> tuple[np.ndarr
             np.repeat(np.repeat(labels, factor, axis=0), factor, axis=1))
 
 
-def decode_photo(data: bytes | str | None) -> np.ndarray | None:
-    """Image bytes -> ``[H, W, 3]`` uint8 with EXIF orientation applied (``None`` if not)."""
+def decode_photo(data: bytes | str | None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+                 ) -> np.ndarray | None:
+    """Image bytes -> ``[H, W, 3]`` uint8 as the engine saw it (``None`` if not decodable).
+
+    Decoded by the pipeline's decoder (:func:`pipeline.decode.decode_image`): only the allowed
+    formats, EXIF orientation applied, at most ``max_pixels`` pixels.
+    """
     if not isinstance(data, bytes):
         return None
-    from PIL import ImageOps
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    except Exception:  # noqa: BLE001 - the sheet shows the masks alone then
-        return None
+    decoded = decode_image(data, max_pixels)
+    return decoded.rgb if decoded.status == "ok" else None
 
 
 def render_sheet(items: Sequence[Ranked], overlays: Sequence[bytes], by: str,
-                 title: str, notes: Mapping[str, str] | None = None) -> str:
+                 title: str, notes: Mapping[str, str] | None = None,
+                 random_weights: int | None = None) -> str:
     """The contact sheet page.
 
     Args:
@@ -80,8 +82,12 @@ def render_sheet(items: Sequence[Ranked], overlays: Sequence[bytes], by: str,
         by: the ranking used.
         title: page heading (escaped).
         notes: optional per-image remark (e.g. why the photo is missing), escaped.
+        random_weights: the seed when the labels came from random weights (said in the header).
     """
     notes = notes or {}
+    warning = ("" if random_weights is None else
+               f"<p><b>Random weights</b> (seed {escape(str(random_weights))}): these labels "
+               "do not come from the real model.</p>")
     figures = []
     for rank, (item, png) in enumerate(zip(items, overlays, strict=True), start=1):
         src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
@@ -94,4 +100,5 @@ def render_sheet(items: Sequence[Ranked], overlays: Sequence[bytes], by: str,
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{escape(title)}"
             f"</title><style>{_STYLE}</style></head><body><h1>{escape(title)}</h1>"
             f"<p>{len(items)} images, ranked by {escape(by)}.</p>"
+            f"{warning}"
             f"<div class=\"grid\">{''.join(figures)}</div></body></html>\n")

@@ -12,6 +12,7 @@ One task per selected image::
                                   "value": {"format": "rle", "rle": [...],
                                             "brushlabels": ["cat"]}}, ...]}]}
 
+``model_version`` ends in ``random-weights-<seed>`` when the labels came from random weights.
 The prediction ``score`` is the image's area-weighted mean mask score (Label Studio's
 "prediction score" ordering then shows the least certain first); each region carries its own
 mask score. Masks are the labels' COCO RLE re-encoded as brush RLE (:mod:`.brush`).
