@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from .config import IOConfig, public_uri
 from .plan import StartupError
+from .storage import exception_chain
 
 PROBE_TIMEOUT_S = 20.0
 _PROBED = {"s3", "s3a", "gs", "gcs"}  # object stores with credentials and buckets
@@ -224,19 +225,10 @@ def _probe(uri: str, options: Mapping, exact: bool) -> None:
         fs.ls(bucket, detail=False)
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    out, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        out.append(exc)
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return out
-
-
 def describe_storage_error(exc: BaseException, uri: str, what: str,
                            options: Mapping | None = None) -> str:
     """One line for a storage failure: its kind, the public URI and the remedy."""
-    chain = _chain(exc)
+    chain = exception_chain(exc)
     names = {type(e).__name__ for e in chain}
     text = " ".join(str(e) for e in chain)
     shown = public_uri(uri)

@@ -46,7 +46,7 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
-    if any(type(e).__name__ in _TRANSIENT_NAMES for e in _chain(exc)):
+    if any(type(e).__name__ in _TRANSIENT_NAMES for e in exception_chain(exc)):
         return True
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return True
@@ -54,7 +54,8 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and any(word in text for word in _TRANSIENT_TEXT)
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, outermost first."""
     out, seen = [], set()
     while exc is not None and id(exc) not in seen:
         out.append(exc)

@@ -548,14 +548,13 @@ def test_local_output_on_a_multi_node_cluster_needs_output_is_shared(ray_cpus, t
 
 
 # ---------------------------------------------------------------------- foreign records
-def test_a_record_of_another_configuration_is_an_error_for_readers_and_redone(tmp_path,
-                                                                            vocab_file):
-    from pipeline.writer import ShardSuperseded
-
+def _labelled_in_process(tmp_path: Path, vocab: Path) -> tuple[JobConfig, object, LabelWorker]:
+    """Two image shards of two photos labelled by an in-process worker (no Ray); the plan
+    still holds the output's lease."""
     (tmp_path / "in").mkdir()
     for i, array in enumerate(photos(4, 40)):
         (tmp_path / "in" / f"im{i}.png").write_bytes(encode(array))
-    config = CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab_file))
+    config = CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab))
     job = JobConfig(IOConfig(str(tmp_path / "in"), str(tmp_path / "out"), images_per_shard=2),
                     ComputeConfig(batch_size=2), EngineSpec(config, stub=StubOptions()))
     plan = plan_job(job)
@@ -564,6 +563,14 @@ def test_a_record_of_another_configuration_is_an_error_for_readers_and_redone(tm
     worker.prepare(worker.compute_text_embeddings())
     for shard in plan.todo:
         worker.process_shard(shard)
+    return job, plan, worker
+
+
+def test_a_record_of_another_configuration_is_an_error_for_readers_and_redone(tmp_path,
+                                                                            vocab_file):
+    from pipeline.writer import ShardSuperseded
+
+    job, plan, worker = _labelled_in_process(tmp_path, vocab_file)
     done = tmp_path / "out" / "_done" / "images-000001.json"
     foreign = {**json.loads(done.read_text()), "fingerprint": "f" * 64}
     done.write_text(json.dumps(foreign))  # a zombie of an older configuration won the create
@@ -584,18 +591,7 @@ def test_a_flaky_read_of_a_record_is_retried_not_taken_for_a_bad_record(tmp_path
                                                                         monkeypatch):
     from pipeline import storage
 
-    (tmp_path / "in").mkdir()
-    for i, array in enumerate(photos(4, 40)):
-        (tmp_path / "in" / f"im{i}.png").write_bytes(encode(array))
-    config = CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab_file))
-    job = JobConfig(IOConfig(str(tmp_path / "in"), str(tmp_path / "out"), images_per_shard=2),
-                    ComputeConfig(batch_size=2), EngineSpec(config, stub=StubOptions()))
-    plan = plan_job(job)
-    worker = LabelWorker(WorkerSpec(job.engine, job.io, job.compute, plan.fingerprint,
-                                    plan.file_metadata({}), run_id=plan.run_id))
-    worker.prepare(worker.compute_text_embeddings())
-    for shard in plan.todo:
-        worker.process_shard(shard)
+    job, plan, worker = _labelled_in_process(tmp_path, vocab_file)
     plan.release()
     fs = plan.out_fs
     real_cat, flaky = fs.cat, []
