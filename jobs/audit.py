@@ -16,13 +16,13 @@ stderr). Progress goes to stderr, the summary to stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+from argparse import ArgumentTypeError
 
 from pipeline.audit import AuditConfig, AuditError, run_audit
 from pipeline.audit.runner import GT_FORMATS
-from pipeline.config import public_text
+from pipeline.config import public_text, storage_options_argument
 
 EXIT_INPUT_ERROR = 2
 
@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coco-ap", action="store_true",
                    help="also compute COCOeval segm AP over per-(image, class) regions")
     p.add_argument("--storage-options", default=None,
-                   help="JSON object of fsspec storage options for every URI")
+                   help="JSON object of fsspec storage options for every URI, or @FILE "
+                   "naming a file that holds one (keeps secrets off the command line)")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.add_argument("--label-studio-url", default=None, metavar="URL",
                    help="pull the reviewed ground truth from this Label Studio server "
@@ -92,12 +93,10 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
     """Turn parsed arguments into an :class:`AuditConfig` (raises ``AuditError``)."""
     options = {}
     if args.storage_options:
-        try:
-            options = json.loads(args.storage_options)
-        except json.JSONDecodeError as error:
-            raise AuditError(f"--storage-options is not valid JSON: {error}") from None
-        if not isinstance(options, dict):
-            raise AuditError("--storage-options must be a JSON object")
+        try:  # parsed here (not as an argparse type) to keep the one-line error contract
+            options = storage_options_argument(args.storage_options)
+        except ArgumentTypeError as error:
+            raise AuditError(f"--storage-options: {error}") from None
     fields = dict(
         labels=args.labels, ground_truth=args.ground_truth, report_dir=args.report,
         gt_format=args.gt_format, category_map=args.category_map, gt_classes=args.gt_classes,
@@ -134,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT_ERROR
     except OSError as error:
         print(f"audit: error: {public_text(str(error))}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except ValueError as error:  # malformed data the readers did not anticipate
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(f"audit: error: bad input: {public_text(first)}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     _print_summary(outcome.metrics, outcome.files)
     for uri in outcome.files:

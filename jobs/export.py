@@ -3,9 +3,9 @@
     python jobs/export.py --labels OUTPUT --format png|hf|coco --out DIR
         [--ignore-below T | --thresholds thresholds.json]
 
-``png``: ``DIR/<key>.png`` (class index in vocabulary order, 255 = ignore), ``classes.txt``,
-``id2label.json``. ``hf``: Parquet under ``DIR/data/`` with ``image`` and ``label`` Image
-features and ``id2label.json`` (``datasets.load_dataset(DIR)``). ``coco``:
+``png``: ``DIR/<shard_id>/<key>.png`` (class index in vocabulary order, 255 = ignore),
+``classes.txt``, ``id2label.json``. ``hf``: Parquet under ``DIR/data/`` with ``image`` and
+``label`` Image features and ``id2label.json`` (``datasets.load_dataset(DIR)``). ``coco``:
 ``DIR/annotations.json`` as ``jobs/export_coco.py`` writes it. Every format writes
 ``DIR/export.json`` (counts, error rows, skipped rows, thresholds, provenance). Pixels whose
 confidence is below the threshold of their class become 255 (png, hf).
@@ -20,7 +20,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from pipeline.config import public_text, storage_options_argument
+from pipeline.config import public_text, public_uri, storage_options_argument
 from pipeline.exports import (
     EXPORT_FORMATS,
     ExportError,
@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> ExportSummary:
     names = [c.name for c in probe["categories"]]
     levels = resolve_levels(names, args.ignore_below, thresholds)
     applied = ({"ignore_below": args.ignore_below} if args.ignore_below is not None
-               else {"file": args.thresholds, "document": thresholds} if thresholds else None)
+               else {"file": public_uri(args.thresholds), "document": thresholds}
+               if thresholds else None)
     export = export_png if args.format == "png" else export_hf
     return export(args.labels, args.out, ExportOptions(levels, applied, options, progress))
 

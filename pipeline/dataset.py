@@ -57,6 +57,9 @@ class LabelDataset:
         rank, world_size: this process's rank (default ``$RANK``/``$WORLD_SIZE`` or 0/1).
         storage_options: fsspec options for labels and sources.
         with_ids: yield ``(image, label, confidence, image_id)`` instead.
+
+    Raises:
+        ValueError: ``ignore_below``/``thresholds`` on an output without stored confidence.
     """
 
     def __init__(self, labels_uri: str, *, ignore_below: float | None = None,
@@ -86,7 +89,20 @@ class LabelDataset:
         except FileNotFoundError:
             io = {}
         self._io = io
+        if self.class_levels is not None and self.files and not self._has_confidence():
+            raise ValueError(f"labels {labels_uri} have no stored confidence (labelled without "
+                             "--confidence or schema 1.0); ignore_below/thresholds need it")
         self.skipped: list[tuple[str, str]] = []
+
+    def _has_confidence(self) -> bool:
+        """False when the output certainly stores no confidence: ``run.json`` says it was
+        labelled without it, or (lacking that) the first label file has no such column."""
+        if "confidence" in self._io:
+            return bool(self._io["confidence"])
+        import pyarrow.parquet as pq
+
+        with self._fs.open(self.files[0], "rb") as f:
+            return "confidence" in pq.ParquetFile(f).schema_arrow.names
 
     def consumer(self) -> tuple[int, int]:
         """``(index, count)`` of this reader among all workers of all ranks."""

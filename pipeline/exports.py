@@ -1,9 +1,9 @@
 """Training-ready exports of a labeling output: PNG label maps and a Hugging Face dataset.
 
-- ``png``: ``DIR/<key>.png`` per ok image, single-channel 8-bit, value = class index in
-  vocabulary order, 255 = ignore; ``DIR/classes.txt`` (the vocabulary format) and
-  ``DIR/id2label.json``. The layout mmsegmentation, detectron2's sem_seg and our audit
-  (``--gt-format masks``) read.
+- ``png``: ``DIR/<image_id>.png`` (``<shard_id>/<key>.png``: keys are unique only within a
+  shard) per ok image, single-channel 8-bit, value = class index in vocabulary order,
+  255 = ignore; ``DIR/classes.txt`` (the vocabulary format) and ``DIR/id2label.json``. The
+  layout mmsegmentation, detectron2's sem_seg and our audit (``--gt-format masks``) read.
 - ``hf``: ``DIR/data/train-<shard>.parquet`` with ``image``, ``label`` and ``confidence``
   (8-bit levels ``round(255 * p)``, null without stored confidence) as ``datasets.Image``
   features, and ``image_id``, plus ``DIR/id2label.json``:
@@ -29,12 +29,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from cass_engine.formats import open_image
 from schemas.confidence import IGNORE_LABEL, apply_ignore, decode_levels
 from schemas.io import categories_document, iter_file_rows, output_provenance, read_run_record
 from schemas.labels import STATUS_OK
 from schemas.masks import annotations_to_label_map
 
 from .audit.progress import Progress
+from .config import public_uri
 from .source_images import SourceItem, SourceJoin, label_files
 from .storage import filesystem, is_local
 
@@ -74,15 +76,15 @@ class ExportSummary:
     pixels: int = 0
 
     def to_dict(self) -> dict:
-        return {"format": self.format, "out": self.out, "written": self.written,
+        return {"format": self.format, "out": public_uri(self.out), "written": self.written,
                 "error_rows": len(self.error_rows), "skipped": len(self.skipped),
                 "ignored_pixels": self.ignored_pixels, "pixels": self.pixels,
                 "error_row_list": [list(e) for e in self.error_rows],
                 "skipped_list": [list(s) for s in self.skipped]}
 
     def line(self) -> str:
-        text = (f"wrote {self.written} images ({self.format}) to {self.out}; error rows "
-                f"{len(self.error_rows)}, skipped {len(self.skipped)}")
+        text = (f"wrote {self.written} images ({self.format}) to {public_uri(self.out)}; "
+                f"error rows {len(self.error_rows)}, skipped {len(self.skipped)}")
         if self.pixels:
             text += f"; ignored pixels {100.0 * self.ignored_pixels / self.pixels:.2f}%"
         examples = [f"{i}: {r}" for i, r in (self.error_rows + self.skipped)[:5]]
@@ -211,14 +213,19 @@ def export_png(labels_uri: str, out_uri: str, options: ExportOptions) -> ExportS
                 summary.error_rows.append((row["image_id"], f"{row['status']}: {row['error']}"))
                 continue
             try:
-                target = f"{root}/{safe_relative_path(row['key'])}.png"
+                target = f"{root}/{safe_relative_path(row['image_id'])}.png"
                 if out_fs.exists(target):
-                    raise ExportError(f"two rows have the key {row['key']!r} (file exists)")
+                    raise ExportError(f"two rows have the image id {row['image_id']!r} (file "
+                                      "exists)")
                 data, values = label_png(row, options.class_levels)
+                _put(out_fs, target, data)
             except (ExportError, ValueError) as exc:
                 summary.skipped.append((row["image_id"], str(exc)))
                 continue
-            _put(out_fs, target, data)
+            except OSError as exc:  # this file only (e.g. a name too long for the filesystem)
+                summary.skipped.append((row["image_id"], f"cannot write {target}: "
+                                        f"{exc.strerror or type(exc).__name__}"))
+                continue
             _account(summary, row, values)
             summary.written += 1
     progress.close()
@@ -241,8 +248,8 @@ def _hf_schema(provenance: Mapping) -> pa.Schema:
 def hf_image_bytes(item: SourceItem) -> tuple[bytes, str]:
     """The image as stored in the ``hf`` export: the source bytes when they decode to the same
     pixels without EXIF handling (JPEG/PNG, RGB, no rotation), else a PNG of the RGB."""
-    try:
-        with Image.open(io.BytesIO(item.data)) as image:
+    try:  # header only (the source was decoded, within the pixel limit, by the join)
+        with open_image(io.BytesIO(item.data)) as image:
             keep = (image.format in ("JPEG", "PNG") and image.mode == "RGB"
                     and image.getexif().get(0x0112, 1) == 1)
             fmt = image.format.lower()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,6 +73,29 @@ def encode_confidence(confidence: np.ndarray, scale: int = 1) -> bytes:
     return buffer.getvalue()
 
 
+def _open_png(data: bytes, height: int, width: int) -> Any:
+    """Open a stored confidence map: PNG only (no other Pillow decoder runs), mode ``L``, and
+    never more pixels than its image (checked from the header, before decoding).
+
+    Raises:
+        ValueError: another format, another mode, or more pixels than ``height x width``.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data), formats=["PNG"])
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"confidence is not a readable PNG ({exc})") from None
+    if image.mode != "L":
+        image.close()
+        raise ValueError(f"confidence PNG has mode {image.mode}, expected L")
+    if image.size[0] * image.size[1] > max(int(height) * int(width), 1):
+        image.close()
+        raise ValueError(f"confidence PNG is {image.size[0]}x{image.size[1]}, larger than its "
+                         f"{width}x{height} image")
+    return image
+
+
 def decode_levels(data: bytes, height: int, width: int) -> np.ndarray:
     """PNG bytes -> ``[height, width]`` uint8 levels (bilinear upsampling when smaller).
 
@@ -80,9 +104,7 @@ def decode_levels(data: bytes, height: int, width: int) -> np.ndarray:
     """
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
-        if image.mode != "L":
-            raise ValueError(f"confidence PNG has mode {image.mode}, expected L")
+    with _open_png(data, height, width) as image:
         if image.size == (width, height):
             return np.asarray(image).copy()
         values = Image.fromarray(dequantize(np.asarray(image)), mode="F")
@@ -94,9 +116,7 @@ def decode_confidence(data: bytes, height: int, width: int) -> np.ndarray:
     """PNG bytes -> ``[height, width]`` float32 confidences in [0, 1]."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
-        if image.mode != "L":
-            raise ValueError(f"confidence PNG has mode {image.mode}, expected L")
+    with _open_png(data, height, width) as image:
         values = dequantize(np.asarray(image))
         if image.size == (width, height):
             return values

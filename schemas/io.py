@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -176,6 +177,23 @@ def random_weights_of(record: Mapping) -> int | None:
     return None
 
 
+def public_uri(uri: str) -> str:
+    """``uri`` without credentials (user info, query string, fragment), for derived files.
+
+    The same rule as ``pipeline.config.public_uri``, kept here so that the output contract
+    imports nothing of the pipeline.
+    """
+    if "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    if not (parts.username or parts.password or parts.query or parts.fragment):
+        return uri
+    netloc = f"***@{parts.hostname or ''}" if parts.username or parts.password else (
+        parts.hostname or "")
+    netloc += f":{parts.port}" if parts.port else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 def output_provenance(output_uri: str, storage_options: Mapping | None = None) -> dict:
     """What derived files record about their source output.
 
@@ -201,7 +219,7 @@ def output_provenance(output_uri: str, storage_options: Mapping | None = None) -
                   "schema_version": meta["schema_version"]}
     random = random_weights_of(record)
     return {
-        "labels": output_uri, "fingerprint": record.get("fingerprint"),
+        "labels": public_uri(output_uri), "fingerprint": record.get("fingerprint"),
         "preset": record.get("preset"), "vocabulary_hash": record.get("vocabulary_hash"),
         "schema_version": record.get("schema_version"), "random_weights": random,
         "random_weights_note": (None if random is None else "labels made with seeded random "

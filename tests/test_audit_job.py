@@ -128,7 +128,56 @@ def test_missing_labels_bad_json_and_size_mismatch(tmp_path, capsys):
     assert _run(paths, "--category-map", str(tmp_path / "map.json")) == 2
     assert "category map not found" in _one_line_error(capsys)
     assert _run(paths, "--storage-options", "{bad") == 2
-    assert "--storage-options is not valid JSON" in _one_line_error(capsys)
+    err = _one_line_error(capsys)
+    assert "--storage-options: JSON is not valid JSON" in err and "{bad" not in err
+    assert _run(paths, "--storage-options", f"@{tmp_path / 'no-such-options.json'}") == 2
+    assert "cannot read the storage options file" in _one_line_error(capsys)
+
+
+def test_storage_options_from_a_file(tmp_path, capsys):
+    paths = _scene(tmp_path)
+    options = tmp_path / "options.json"
+    options.write_text(json.dumps({"auto_mkdir": True}))
+    assert _run(paths, "--storage-options", f"@{options}") == 0
+    options.write_text("[1, 2]")
+    assert _run(paths, "--storage-options", f"@{options}") == 2
+    assert "must be a JSON object" in _one_line_error(capsys)
+
+
+def test_math_text_class_names_in_the_calibration_plot(tmp_path, capsys):
+    """A class name with ``$...$`` is drawn literally; it neither crashes the audit nor is a
+    "below the bar" exit 1."""
+    from schemas.confidence import encode_confidence
+    from schemas.labels import make_row
+    from schemas.masks import label_map_to_annotations
+
+    names = [["background"], [r"x $\foo$ y"]]
+    pred = np.zeros((6, 6), np.int64)
+    pred[:3] = 1
+    row = make_row(shard_id="s0", source_uri="mem://none/a", key="a", width=6, height=6,
+                   annotations=label_map_to_annotations(pred, np.full(2, 0.5)),
+                   presence=[0.5, 0.5], confidence=encode_confidence(np.full((6, 6), 0.7,
+                                                                             np.float32)))
+    labels = tmp_path / "out"
+    write_labels_output(str(labels), {"s0": [row]}, names)
+    gt = tmp_path / "gt"
+    _save(gt / "a.png", pred.astype(np.uint8))
+    (gt / "classes.txt").write_text("background\n" + names[1][0] + "\n")
+    report = tmp_path / "report"
+    assert main(["--labels", str(labels), "--ground-truth", str(gt), "--report", str(report),
+                 "--no-progress", "--calibrate-precision", "0.5"]) == 0
+    assert (report / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unexpected_value_error_is_a_one_line_exit_two(tmp_path, capsys, monkeypatch):
+    import jobs.audit as audit_job
+
+    def broken(config):
+        raise ValueError("malformed thing\nTraceback detail")
+
+    monkeypatch.setattr(audit_job, "run_audit", broken)
+    assert _run(_scene(tmp_path)) == 2
+    assert "bad input: malformed thing" in _one_line_error(capsys)
 
 
 def test_coco_ground_truth_with_mapping_file_and_coco_ap(tmp_path):
@@ -210,3 +259,40 @@ def test_audit_reads_and_writes_object_storage(tmp_path, s3_server, s3_bucket):
     metrics = json.loads(fs.cat(f"{s3_bucket}/report/metrics.json"))
     assert metrics["num_images"] == 1 and metrics["mIoU"] == 100.0
     assert fs.size(f"{s3_bucket}/report/report.html") > 1000
+
+
+def test_incomplete_shards_counts_shards_without_a_record(tmp_path):
+    """Losing or late attempts of a completed shard are normal under the fenced contract;
+    only shard ids without any completion record are incomplete."""
+    import shutil
+
+    from pipeline.audit.predictions import open_labels
+
+    labels = tmp_path / "out"
+    write_labels_output(str(labels), {"s0": [ok_row("a.jpg", np.zeros((2, 2), np.int64), 3)],
+                                      "s1": [ok_row("b.jpg", np.zeros((2, 2), np.int64), 3)]},
+                        CLASSES)
+    objects = labels / "labels"
+    for late in ("s0.20261201T101010Z-abc123-1", "s0.20261201T090909Z-def456-0",
+                 "s1.20261201T101010Z-abc123-3", "s3.20261201T101010Z-abc123-0",
+                 "s3.20261201T101010Z-abc123-1", "s1.extra.20261201T101010Z-abc123-0"):
+        shutil.copy(objects / "s0.parquet", objects / f"{late}.parquet")
+    write_labels_output(str(labels), {"s2": [ok_row("c.jpg", np.zeros((2, 2), np.int64), 3)]},
+                        CLASSES, complete=False)
+    assert open_labels(str(labels)).incomplete_shards == ["s1.extra", "s2", "s3"]
+
+
+def test_derived_files_carry_public_uris_only(tmp_path):
+    labels = "memory://reader:SECRET1@audit-creds/out?token=SECRET2"
+    pred = np.zeros((4, 4), np.int64)
+    write_labels_output(labels, {"s0": [ok_row("a.jpg", pred, 3)]}, CLASSES)
+    gt = tmp_path / "gt"
+    _save(gt / "a.png", pred.astype(np.uint8))
+    (gt / "classes.txt").write_text("background\ncat\ndog\n")
+    report = tmp_path / "report"
+    assert main(["--labels", labels, "--ground-truth", str(gt), "--report", str(report),
+                 "--no-progress", "--calibrate-precision", "0.5"]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["sources"]["labels"] == "memory://***@audit-creds/out"
+    for path in report.iterdir():
+        assert b"SECRET" not in path.read_bytes(), path.name

@@ -73,6 +73,12 @@ def expected_maps() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     return out
 
 
+def image_id(key: str) -> str:
+    """The ``image_id`` (``<shard_id>/<key>``) of a key of :func:`source_images`: the name of
+    its ``png`` export file."""
+    return ("a/" if key in ("img0", "sub/img1", "rotated") else "b/") + key
+
+
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> Path:
     return label(tmp_path_factory.mktemp("labelled"))
@@ -105,9 +111,9 @@ def test_png_export_is_perfect_ground_truth_for_the_same_labels(labelled, tmp_pa
     assert "error rows 1" in capsys.readouterr().out
     expected = expected_maps()
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
-    assert files == sorted(f"{k}.png" for k in expected)
+    assert files == sorted(f"{image_id(k)}.png" for k in expected)
     for key, (_, labels, _) in expected.items():
-        with Image.open(out / f"{key}.png") as image:
+        with Image.open(out / f"{image_id(key)}.png") as image:
             assert image.mode == "L"
             np.testing.assert_array_equal(np.asarray(image), labels)
     assert (out / "classes.txt").read_text().splitlines() == CLASSES
@@ -129,7 +135,7 @@ def test_png_export_ignores_exactly_the_pixels_below_the_threshold(labelled, tmp
     ignored = 0
     for key, (_, labels, conf) in expected_maps().items():
         below = quantize(conf) < level_of(0.75)
-        got = np.asarray(Image.open(out / f"{key}.png"))
+        got = np.asarray(Image.open(out / f"{image_id(key)}.png"))
         np.testing.assert_array_equal(got == 255, below)
         np.testing.assert_array_equal(got[~below], labels[~below])
         ignored += int(below.sum())
@@ -149,7 +155,7 @@ def test_png_export_with_a_thresholds_file(labelled, tmp_path):
         level = quantize(conf)
         keep = np.where(labels == 0, level >= level_of(0.9),
                         np.where(labels == 1, False, level >= level_of(0.6)))
-        got = np.asarray(Image.open(out / f"{key}.png"))
+        got = np.asarray(Image.open(out / f"{image_id(key)}.png"))
         np.testing.assert_array_equal(got != 255, keep)
 
 
@@ -160,11 +166,10 @@ def test_hf_export_loads_with_datasets_and_matches_the_png_export(labelled, tmp_
     loaded = datasets.load_dataset(str(tmp_path / "hf"), cache_dir=str(tmp_path / "cache"))
     rows = list(loaded["train"])
     expected = expected_maps()
-    assert sorted(r["image_id"] for r in rows) == sorted(
-        ("a/" if k in ("img0", "sub/img1", "rotated") else "b/") + k for k in expected)
+    assert sorted(r["image_id"] for r in rows) == sorted(image_id(k) for k in expected)
     for row in rows:
         key = row["image_id"].split("/", 1)[1]
-        png = np.asarray(Image.open(tmp_path / "png" / f"{key}.png"))
+        png = np.asarray(Image.open(tmp_path / "png" / f"{row['image_id']}.png"))
         np.testing.assert_array_equal(np.asarray(row["label"]), png)
         np.testing.assert_array_equal(np.asarray(row["confidence"]),
                                       quantize(expected[key][2]))
@@ -253,7 +258,7 @@ def test_exports_and_reader_work_on_object_storage(labelled, tmp_path):
             mem.pipe(f"/i10-labels/{path.relative_to(labelled)}", path.read_bytes())
     assert export("memory://i10-labels", "png", "memory://i10-png") == 0
     for key, (_, labels, _) in expected_maps().items():
-        with mem.open(f"/i10-png/{key}.png", "rb") as f:
+        with mem.open(f"/i10-png/{image_id(key)}.png", "rb") as f:
             np.testing.assert_array_equal(np.asarray(Image.open(f)), labels)
     assert export("memory://i10-labels", "hf", "memory://i10-hf") == 0
     assert len(mem.glob("/i10-hf/data/*.parquet")) == 2
@@ -272,18 +277,77 @@ def test_rows_whose_source_is_gone_are_listed_not_dropped(tmp_path):
     assert all("source unreadable" in reason for reason in skipped.values())
 
 
-def test_a_key_two_rows_share_is_written_once_and_the_other_listed(tmp_path):
+def test_keys_repeating_across_shards_get_one_file_each_and_audit_perfectly(tmp_path):
+    """Parquet inputs without --id-column have keys 00000000... in every shard: the export
+    names files by image id, and the audit of the export matches every row to its own file."""
     from pipeline.audit.fixtures import ok_row, write_labels_output
 
+    maps = {f"s{s}": [np.full((4, 5), (s + k) % 2, int) for k in range(2)] for s in range(3)}
+    for shard, arrays in maps.items():
+        arrays[0][0, : int(shard[1]) + 1] = 1 - arrays[0][0, 0]  # every image differs
     write_labels_output(str(tmp_path / "labels"), {
-        "s0": [ok_row("x", np.zeros((4, 5), int), 2, shard_id="s0")],
-        "s1": [ok_row("x", np.ones((4, 5), int), 2, shard_id="s1"),
-               ok_row("../evil", np.ones((4, 5), int), 2, shard_id="s1")]}, [["a"], ["b"]])
+        shard: [ok_row(f"{k:08d}", a, 2, shard_id=shard) for k, a in enumerate(arrays)]
+        for shard, arrays in maps.items()}, [["a"], ["b"]])
     assert export(tmp_path / "labels", "png", tmp_path / "png") == 0
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "png" / "x.png")), 0)
     summary = json.loads((tmp_path / "png" / "export.json").read_text())
-    assert summary["written"] == 1
+    assert summary["written"] == 6 and summary["skipped"] == 0
+    for shard, arrays in maps.items():
+        for k, array in enumerate(arrays):
+            got = np.asarray(Image.open(tmp_path / "png" / shard / f"{k:08d}.png"))
+            np.testing.assert_array_equal(got, array)
+    metrics = audit(tmp_path / "labels", tmp_path / "png", tmp_path / "report")
+    assert metrics["num_images"] == 6 and metrics["mIoU"] == 100.0
+    assert metrics["unmatched"]["ground_truth"] == 0 and metrics["unmatched"]["predictions"] == 0
+
+
+def test_unsafe_and_unwritable_names_are_listed_and_the_export_completes(tmp_path):
+    from pipeline.audit.fixtures import ok_row, write_labels_output
+
+    long_key = "k" * 300  # ENAMETOOLONG on every common filesystem
+    write_labels_output(str(tmp_path / "labels"), {
+        "s0": [ok_row("x", np.zeros((4, 5), int), 2, shard_id="s0"),
+               ok_row(long_key, np.zeros((4, 5), int), 2, shard_id="s0")],
+        "s1": [ok_row("x", np.ones((4, 5), int), 2, shard_id="s1"),
+               ok_row("../../evil", np.ones((4, 5), int), 2, shard_id="s1")]}, [["a"], ["b"]])
+    assert export(tmp_path / "labels", "png", tmp_path / "png") == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "png" / "s0" / "x.png")), 0)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "png" / "s1" / "x.png")), 1)
+    summary = json.loads((tmp_path / "png" / "export.json").read_text())
+    assert summary["written"] == 2
     reasons = dict(summary["skipped_list"])
-    assert "two rows have the key" in reasons["s1/x"]
-    assert "unsafe key" in reasons["s1/../evil"]
+    assert "unsafe key" in reasons["s1/../../evil"]
+    assert "cannot write" in reasons[f"s0/{long_key}"]
     assert not (tmp_path / "evil.png").exists()
+
+
+def test_derived_files_carry_public_uris_only(labelled, tmp_path):
+    import fsspec
+
+    labels = "memory://reader:SECRET1@i10-creds/out?token=SECRET2"
+    mem, root = fsspec.core.url_to_fs(labels)
+    for path in labelled.rglob("*"):
+        if path.is_file():
+            mem.pipe(f"{root}/{path.relative_to(labelled)}", path.read_bytes())
+    for fmt in ("png", "hf", "coco"):
+        out = tmp_path / fmt
+        assert export(labels, fmt, out) == 0
+        summary = json.loads((out / "export.json").read_text())
+        assert summary["provenance"]["labels"] == "memory://***@i10-creds/out"
+        for path in out.rglob("*"):
+            if path.is_file():
+                assert b"SECRET" not in path.read_bytes(), path
+    thresholds = "memory://i10-creds/t.json?sig=SECRET3"
+    mem.pipe(fsspec.core.url_to_fs(thresholds)[1], json.dumps(
+        {"classes": {}, "global": {"threshold": 0.5, "reached": True}}).encode())
+    out = "memory://writer:SECRET4@i10-creds/png2?sig=SECRET5"
+    assert export(labels, "png", out, "--thresholds", thresholds) == 0
+    assert b"SECRET" not in mem.cat(f"{fsspec.core.url_to_fs(out)[1]}/export.json")
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/out", "/local/out", "memory://u:p@h/out?x=1#f",
+                                 "https://user@host:9000/b?X-Amz-Signature=s", "gs://b/o?t=1"])
+def test_the_contract_redacts_uris_as_the_pipeline_does(uri):
+    from pipeline.config import public_uri as pipeline_public_uri
+    from schemas.io import public_uri as schemas_public_uri
+
+    assert schemas_public_uri(uri) == pipeline_public_uri(uri)

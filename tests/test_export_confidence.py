@@ -142,3 +142,35 @@ def test_schema_1_1_has_a_nullable_confidence_and_1_0_files_still_read(tmp_path)
     (tmp_path / "_done" / "s.json").write_text("{}")
     got = list(iter_label_rows(str(tmp_path), columns=["image_id", "confidence"]))
     assert got == [{"image_id": "s/k", "confidence": None}]
+
+
+def test_confidence_pngs_open_as_png_only_and_within_their_image_size():
+    jpeg = io.BytesIO()
+    Image.new("L", (4, 4)).save(jpeg, format="JPEG")
+    big = io.BytesIO()
+    Image.new("L", (400, 300)).save(big, format="PNG")  # a tiny file, far more pixels
+    for decode in (decode_levels, decode_confidence):
+        with pytest.raises(ValueError, match="not a readable PNG"):
+            decode(jpeg.getvalue(), 4, 4)
+        with pytest.raises(ValueError, match="larger than its 4x3 image"):
+            decode(big.getvalue(), 3, 4)
+
+
+def test_hf_export_opens_sources_with_the_decoder_allow_list(monkeypatch):
+    from cass_engine.formats import IMAGE_FORMATS
+    from pipeline import exports
+    from pipeline.source_images import SourceItem
+
+    seen = []
+    real = Image.open
+
+    def spy(fp, mode="r", formats=None):
+        seen.append(formats)
+        return real(fp, mode, formats)
+
+    monkeypatch.setattr(Image, "open", spy)
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    item = SourceItem({"image_id": "s/x"}, np.zeros((4, 4, 3), np.uint8), png.getvalue())
+    assert exports.hf_image_bytes(item) == (png.getvalue(), "png")
+    assert seen and all(tuple(f) == IMAGE_FORMATS for f in seen)

@@ -89,13 +89,31 @@ def test_empty_output_yields_nothing(tmp_path):
     assert list(ds) == [] and ds.class_names == []
 
 
-def test_without_confidence_it_is_nan_and_thresholds_skip_rows(tmp_path):
+def test_without_confidence_it_is_nan_and_thresholds_raise(tmp_path):
     labels = label(tmp_path / "plain", confidence=False)
     samples = list(LabelDataset(str(labels)))
     assert len(samples) == len(expected_maps())
     assert all(np.isnan(conf).all() for _, _, conf in samples)
-    ds = LabelDataset(str(labels), ignore_below=0.5)
-    assert list(ds) == [] and len(ds.skipped) == len(expected_maps()) + 1
+    doc = {"classes": {}, "global": {"threshold": 0.5, "reached": True}}
+    for asked in ({"ignore_below": 0.5}, {"thresholds": doc}):
+        with pytest.raises(ValueError, match="no stored confidence"):
+            LabelDataset(str(labels), **asked)
+
+
+def test_thresholds_on_a_schema_1_0_output_without_run_record_raise(tmp_path):
+    from pipeline.audit.fixtures import ok_row, write_labels_output
+
+    root = tmp_path / "old"
+    write_labels_output(str(root), {"s0": [ok_row("x", np.zeros((2, 2), int), 2)]},
+                        [["a"], ["b"]])
+    (root / "run.json").unlink()
+    path = next((root / "labels").glob("*.parquet"))
+    table = pq.read_table(path)
+    pq.write_table(table.drop(["confidence"]).replace_schema_metadata(table.schema.metadata),
+                   path)
+    assert len(list(LabelDataset(str(root)))) == 0  # its source is gone: skipped, no error
+    with pytest.raises(ValueError, match="no stored confidence"):
+        LabelDataset(str(root), ignore_below=0.5)
 
 
 def test_parquet_shards_are_joined_by_their_id_column(tmp_path):

@@ -160,7 +160,9 @@ def calibration_png(acc: CalibrationAccumulator, class_names: Sequence[str]) -> 
     ax.set_xlabel("confidence threshold")
     ax.set_ylabel("pixel precision (solid) / recall (dashed)")
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7, loc="lower left")
+    legend = ax.legend(fontsize=7, loc="lower left")
+    for text in legend.get_texts():  # class names are drawn as they are, never as math text
+        text.set_parse_math(False)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     return buffer.getvalue()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import posixpath
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from schemas.io import (
+    LABELS_SUFFIX,
     iter_label_rows,
     list_label_files,
     read_label_table,
@@ -30,7 +33,8 @@ class LabelsSource:
         categories: its categories (class ``i`` has ``categories[i]``).
         vocabulary_hash: from the run record or file metadata, if present.
         files: completed label files (paths within the output filesystem).
-        incomplete_shards: label files without a completion record (not read).
+        incomplete_shards: shard ids with labels objects but no completion record (not read);
+            losing or late attempts of completed shards are not counted.
         storage_options: fsspec options.
     """
 
@@ -67,9 +71,37 @@ def open_labels(uri: str, storage_options: Mapping | None = None) -> LabelsSourc
         detail = f" ({len(every)} without a completion record)" if every else ""
         raise AuditError(f"no completed label files under {uri.rstrip('/')}/labels{detail}; "
                          "is this the pipeline's output folder?")
-    incomplete = sorted(set(every) - set(files))
+    incomplete = _incomplete_shards(uri, options, every)
     categories, vocab_hash = _categories(uri, options, files[0])
     return LabelsSource(uri, categories, vocab_hash, files, incomplete, options)
+
+
+_ATTEMPT = re.compile(r"\.[^.]+-\d+$")  # ".<run_id>-<attempt>" of a fenced labels object
+
+
+def _incomplete_shards(uri: str, options: dict, every: list[str]) -> list[str]:
+    """Shard ids that have labels objects but no completion record.
+
+    Under the fenced contract a shard's objects are ``labels/<shard>.<run>-<n>.parquet`` and
+    only the one its ``_done/<shard>.json`` names is read; the others (attempts that lost the
+    race, a zombie's late write) belong to a completed shard and are normal.
+    """
+    from schemas.completion import read_records
+    from schemas.io import open_output
+
+    fs, root = open_output(uri, options)
+    try:
+        done = set(read_records(fs, root))
+    except OSError as error:
+        raise AuditError(f"cannot read the completion records of {uri}: {error}") from None
+    shards = set()
+    for path in every:
+        base = posixpath.basename(path).removesuffix(LABELS_SUFFIX)
+        owner = next((sid for sid in done if base == sid or (
+            base.startswith(f"{sid}.") and _ATTEMPT.fullmatch(base[len(sid):]))), None)
+        if owner is None:
+            shards.add(_ATTEMPT.sub("", base))
+    return sorted(shards)
 
 
 def _categories(uri: str, options: dict, first_file: str) -> tuple[list[Category], str | None]:

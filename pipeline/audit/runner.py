@@ -7,6 +7,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pipeline.config import public_text, public_uri
 from schemas.confidence import decode_levels
 from schemas.io import output_provenance
 
@@ -248,7 +249,7 @@ def evaluate_labels(config: AuditConfig, calibration_out: list | None = None
         progress.update(1, **({outcome: 1} if outcome != "ok" else {}))
     progress.close()
     counts, lists = _unmatched(log, gt, labels)
-    sources = {"labels": config.labels, "ground_truth": gt.description,
+    sources = {"labels": public_uri(config.labels), "ground_truth": public_text(gt.description),
                "vocabulary_hash": labels.vocabulary_hash,
                "random_weights": labels_random_weights(config.labels, config.storage_options)}
     return evaluator.result(), counts, lists, sources
