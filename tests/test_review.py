@@ -247,12 +247,8 @@ def test_label_studio_export_as_ground_truth(tmp_path):
     task1["annotations"] += [stale["annotations"][0], cancelled]
     export = [_export_task("s0/img0.png", gt, names), task1,
               {"id": 9, "data": {"cass_image_id": "s0/img2.png"}, "annotations": []}]
-    path = tmp_path / "export.json"
-    path.write_text(json.dumps(export))
     report = tmp_path / "report"
-    assert audit_main(["--labels", scene["labels"], "--gt-format", "labelstudio",
-                       "--ground-truth", str(path), "--report", str(report),
-                       "--no-progress"]) == 0
+    assert _audit_export(scene, tmp_path, json.dumps(export), report) == 0
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["num_images"] == 2
     assert metrics["unmatched"]["predictions"] == len(rows) - 1 - 2  # minus failed, reviewed
@@ -262,6 +258,14 @@ def test_label_studio_export_as_ground_truth(tmp_path):
              for name, value in zip(header[1:], line.split(",")[1:], strict=True)}
     off_diagonal = {k: v for k, v in cells.items() if k[0] != k[1] and v}
     assert off_diagonal == {("sky <blue>", "cat & dog"): 12}
+
+
+def _audit_export(scene: dict, tmp_path: Path, export_text: str, report: Path) -> int:
+    """The audit's exit status against a Label Studio export file holding ``export_text``."""
+    path = tmp_path / "export.json"
+    path.write_text(export_text)
+    return audit_main(["--labels", scene["labels"], "--gt-format", "labelstudio",
+                       "--ground-truth", str(path), "--report", str(report), "--no-progress"])
 
 
 @pytest.mark.parametrize("content, message", [
@@ -280,11 +284,7 @@ def test_label_studio_export_as_ground_truth(tmp_path):
 ])
 def test_bad_label_studio_exports_are_one_line_errors(tmp_path, capsys, content, message):
     scene = _scene(tmp_path)
-    path = tmp_path / "export.json"
-    path.write_text(content)
-    assert audit_main(["--labels", scene["labels"], "--gt-format", "labelstudio",
-                       "--ground-truth", str(path), "--report", str(tmp_path / "r"),
-                       "--no-progress"]) == 2
+    assert _audit_export(scene, tmp_path, content, tmp_path / "r") == 2
     assert message in _one_line_error(capsys, "audit: error: ")
 
 
@@ -442,12 +442,8 @@ def test_duplicate_image_tasks_keep_the_latest_annotation(tmp_path, capsys):
     gt = LabelStudioGroundTruth(export, "e")
     assert gt.duplicate_tasks == 1 and "1 duplicate" in gt.description
     assert np.array_equal(gt.load("s0/img0.png").label_map, corrected)
-    path = tmp_path / "export.json"
-    path.write_text(json.dumps(export))
     report = tmp_path / "report"
-    assert audit_main(["--labels", scene["labels"], "--gt-format", "labelstudio",
-                       "--ground-truth", str(path), "--report", str(report),
-                       "--no-progress"]) == 0
+    assert _audit_export(scene, tmp_path, json.dumps(export), report) == 0
     assert json.loads((report / "metrics.json").read_text())["num_images"] == 1
 
 
