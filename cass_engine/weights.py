@@ -25,9 +25,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import torch
+
+from schemas.uris import public_uri
 
 from .torchscript import UnsafeArchiveError, is_torchscript, read_torchscript_state
 
@@ -268,7 +270,7 @@ def _from_file(expected: _Expected, source: str, cache_dir: str | None,
         state = filter_fn(state, model)
         _check_fit(model, state, path, expected)
     model.load_state_dict(state, strict=True)
-    info = WeightsInfo(expected.model_id, _redact_url(source), fmt, _sha256(path), None)
+    info = WeightsInfo(expected.model_id, public_uri(source), fmt, _sha256(path), None)
     return _finalize(model), info
 
 
@@ -283,7 +285,7 @@ def _existing_file(source: str, cache_dir: str | None, storage_options: dict | N
     """Stages ``source`` and checks that the local file exists."""
     path = stage_weights(source, cache_dir, storage_options)
     if not os.path.isfile(path):
-        raise WeightsError(f"weights file not found: {_redact_url(source)}")
+        raise WeightsError(f"weights file not found: {public_uri(source)}")
     return path
 
 
@@ -436,17 +438,6 @@ def _is_remote(source: str) -> bool:
     return _is_url(source) and not source.startswith("file://")
 
 
-def _redact_url(source: str) -> str:
-    """``source`` without user info, query or fragment when it is a URL, else unchanged."""
-    if not _is_url(source):
-        return source
-    parts = urlsplit(source)
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
 def _staged_name(url: str) -> str:
     """``<hash of the URL>-<file name>``: one per URL, readable in a listing."""
     digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:24]
@@ -459,17 +450,17 @@ def _download(url: str, target: Path, storage_options: dict) -> None:
     import fsspec
 
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    chain = _redact_url(url) == url  # chained errors could print the credentials
+    chain = public_uri(url) == url  # chained errors could print the credentials
     try:
         with fsspec.open(url, "rb", **storage_options) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 16 * 1024 * 1024)
         os.replace(tmp, target)
     except FileNotFoundError as e:  # fsspec's http reports unreachable hosts this way too
-        message = f"weights file not found: {_redact_url(url)}{_not_found_cause(e, url)}"
+        message = f"weights file not found: {public_uri(url)}{_not_found_cause(e, url)}"
         raise WeightsError(message) from (e if chain else None)
     except Exception as e:
         raise WeightsError(
-            f"could not copy weights from {_redact_url(url)} ({_describe(e, url)}); "
+            f"could not copy weights from {public_uri(url)} ({_describe(e, url)}); "
             "check the URL and the storage options"
         ) from (e if chain else None)
     finally:
@@ -487,7 +478,7 @@ def _not_found_cause(error: FileNotFoundError, url: str) -> str:
 def _describe(error: BaseException, url: str) -> str:
     """``Type: first line of the message``, without the URL's user info or query."""
     parts = urlsplit(url)
-    text = f"{type(error).__name__}: {_first_line(error)}".replace(url, _redact_url(url))
+    text = f"{type(error).__name__}: {_first_line(error)}".replace(url, public_uri(url))
     for secret in (parts.netloc.rpartition("@")[0], parts.query, parts.password or ""):
         if secret:
             text = text.replace(secret, "***")

@@ -22,7 +22,8 @@ from argparse import ArgumentTypeError
 
 from pipeline.audit import AuditConfig, AuditError, run_audit
 from pipeline.audit.runner import GT_FORMATS
-from pipeline.config import public_text, storage_options_argument
+from pipeline.config import storage_options_argument
+from schemas.uris import public_text
 
 EXIT_INPUT_ERROR = 2
 

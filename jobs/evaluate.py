@@ -23,7 +23,7 @@ from pipeline.benchmarks import (
     list_samples,
     run_benchmark,
 )
-from pipeline.config import public_text
+from schemas.uris import public_text
 
 EXIT_INPUT_ERROR = 2
 

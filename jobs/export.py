@@ -20,7 +20,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from pipeline.config import public_text, public_uri, storage_options_argument
+from pipeline.config import storage_options_argument
 from pipeline.exports import (
     EXPORT_FORMATS,
     ExportError,
@@ -34,6 +34,7 @@ from pipeline.exports import (
 from pipeline.storage import filesystem
 from schemas.confidence import resolve_levels
 from schemas.io import iter_label_rows
+from schemas.uris import public_text, public_uri
 
 EXIT_INPUT_ERROR = 2
 

@@ -14,10 +14,11 @@ import contextlib
 import sys
 from collections.abc import Sequence
 
-from pipeline.config import public_text, storage_options_argument
+from pipeline.config import storage_options_argument
 from pipeline.storage import is_local
 from schemas import write_coco_json
 from schemas.io import iter_label_rows, output_provenance
+from schemas.uris import public_text
 
 COCO_COLUMNS = ("image_id", "source_uri", "key", "width", "height", "status", "annotations")
 

@@ -25,13 +25,13 @@ from pipeline.config import (
     ComputeConfig,
     ConfigError,
     IOConfig,
-    public_text,
     storage_options_argument,
 )
 from pipeline.engine import EngineSpec
 from pipeline.plan import JobConfig, OutputPolicy, StartupError
 from pipeline.record import TERMINATED, Terminated, is_termination
 from pipeline.stub import StubOptions
+from schemas.uris import public_text
 
 EXIT_BAD_CONFIG = 2
 

@@ -19,9 +19,10 @@ import os
 import sys
 
 from pipeline.audit import AuditError
-from pipeline.config import public_text, storage_options_argument
+from pipeline.config import storage_options_argument
 from pipeline.review import LabelStudioError, ReviewConfig, ReviewError, run_review
 from pipeline.review.ranking import RANKINGS
+from schemas.uris import public_text
 
 EXIT_INPUT_ERROR = 2
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"

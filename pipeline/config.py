@@ -11,62 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from argparse import ArgumentTypeError
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+
+from schemas.uris import public_uri, redact
 
 InputFormat = Literal["auto", "webdataset", "parquet", "images"]
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "images")
 
 #: Default decompression-bomb limit (pixels); about 64 megapixels (8000 x 8000).
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
-
-_SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "session",
-                 "auth", "connection", "sas", "signature", "private", "cookie")
-
-
-def redact(options: Mapping | None) -> dict:
-    """A copy of storage options safe to log: values of secret-looking keys become ``"***"``,
-    URLs lose their user info and query string (nested mappings and lists included)."""
-    return {name: _redacted(name, value) for name, value in (options or {}).items()}
-
-
-def _redacted(name: object, value: object) -> object:
-    if isinstance(value, Mapping):
-        return redact(value)
-    if any(word in str(name).lower() for word in _SECRET_WORDS):
-        return "***"
-    if isinstance(value, (list, tuple)):
-        return [_redacted(name, v) for v in value]
-    if isinstance(value, str) and "://" in value:
-        return public_uri(value)
-    return value
-
-
-def public_uri(uri: str | None) -> str | None:
-    """A URI without credentials (user info, query string, fragment), for records and logs."""
-    if uri is None or "://" not in uri:
-        return uri
-    parts = urlsplit(uri)
-    if not (parts.username or parts.password or parts.query or parts.fragment):
-        return uri
-    host = parts.hostname or ""
-    netloc = f"***@{host}" if parts.username or parts.password else host
-    netloc += f":{parts.port}" if parts.port else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
-
-
-def public_text(text: str) -> str:
-    """``text`` with every URL in it made public (:func:`public_uri`): for messages and log
-    lines that may quote a URI given by the user or a library."""
-    return _URL.sub(lambda m: public_uri(m.group(0)) or "", text)
-
 
 @dataclass(frozen=True)
 class IOConfig:

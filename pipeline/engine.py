@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import public_uri
+from schemas.uris import public_uri
+
 from .stub import StubOptions, StubSegmenter
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cass-labeler")

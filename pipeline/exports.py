@@ -34,9 +34,9 @@ from schemas.confidence import IGNORE_LABEL, apply_ignore, decode_levels
 from schemas.io import categories_document, iter_file_rows, output_provenance, read_run_record
 from schemas.labels import STATUS_OK
 from schemas.masks import annotations_to_label_map
+from schemas.uris import public_uri
 
 from .audit.progress import Progress
-from .config import public_uri
 from .source_images import SourceItem, SourceJoin, label_files
 from .storage import filesystem, is_local
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import ray
 
 from schemas.completion import check_output
+from schemas.uris import public_uri
 
-from .config import public_uri
 from .lease import LeaseLost, check_holder
 from .plan import JobPlan, StartupError
 from .progress import Progress

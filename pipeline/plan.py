@@ -21,9 +21,10 @@ from typing import Any
 from schemas import Category, categories_from_classes, run_metadata
 from schemas.completion import OutputCheck, check_output, read_records, record_labels_name
 from schemas.io import done_path
+from schemas.uris import public_uri
 
 from .conditional import honours_conditional_create
-from .config import ComputeConfig, IOConfig, public_uri
+from .config import ComputeConfig, IOConfig
 from .engine import EngineSpec
 from .lease import DEFAULT_TTL_S, Lease, LeaseHeld, check_holder
 from .readers import parquet_columns

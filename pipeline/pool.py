@@ -20,7 +20,8 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 
-from .config import public_uri
+from schemas.uris import public_uri
+
 from .plan import JobPlan, StartupError
 from .record import OutputConflict
 from .worker import LabelWorker, WorkerSpec

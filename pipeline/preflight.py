@@ -16,7 +16,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import IOConfig, public_uri
+from schemas.uris import public_uri
+
+from .config import IOConfig
 from .plan import StartupError
 from .storage import exception_chain
 

@@ -28,8 +28,9 @@ from schemas.io import (
     categories_document,
     run_record_path,
 )
+from schemas.uris import public_uri
 
-from .config import IOConfig, public_uri
+from .config import IOConfig
 from .shards import IMAGE_EXTENSIONS, PARQUET_EXTENSIONS, TAR_EXTENSIONS, ShardSpec
 from .storage import exists, put_bytes, read_bytes, remove_tree
 

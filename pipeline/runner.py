@@ -40,7 +40,8 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 
-from .config import public_uri
+from schemas.uris import public_uri
+
 from .outcome import (
     EXIT_BAD_CONFIG,
     EXIT_INCOMPLETE,

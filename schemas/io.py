@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .labels import Category, parse_run_metadata
+from .uris import public_uri
 
 LABELS_DIR = "labels"
 DONE_DIR = "_done"
@@ -175,23 +175,6 @@ def random_weights_of(record: Mapping) -> int | None:
         if isinstance(holder, Mapping) and holder.get("random_weights") is not None:
             return holder["random_weights"]
     return None
-
-
-def public_uri(uri: str) -> str:
-    """``uri`` without credentials (user info, query string, fragment), for derived files.
-
-    The same rule as ``pipeline.config.public_uri``, kept here so that the output contract
-    imports nothing of the pipeline.
-    """
-    if "://" not in uri:
-        return uri
-    parts = urlsplit(uri)
-    if not (parts.username or parts.password or parts.query or parts.fragment):
-        return uri
-    netloc = f"***@{parts.hostname or ''}" if parts.username or parts.password else (
-        parts.hostname or "")
-    netloc += f":{parts.port}" if parts.port else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def output_provenance(output_uri: str, storage_options: Mapping | None = None) -> dict:

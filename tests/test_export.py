@@ -342,12 +342,3 @@ def test_derived_files_carry_public_uris_only(labelled, tmp_path):
     out = "memory://writer:SECRET4@i10-creds/png2?sig=SECRET5"
     assert export(labels, "png", out, "--thresholds", thresholds) == 0
     assert b"SECRET" not in mem.cat(f"{fsspec.core.url_to_fs(out)[1]}/export.json")
-
-
-@pytest.mark.parametrize("uri", ["s3://bucket/out", "/local/out", "memory://u:p@h/out?x=1#f",
-                                 "https://user@host:9000/b?X-Amz-Signature=s", "gs://b/o?t=1"])
-def test_the_contract_redacts_uris_as_the_pipeline_does(uri):
-    from pipeline.config import public_uri as pipeline_public_uri
-    from schemas.io import public_uri as schemas_public_uri
-
-    assert schemas_public_uri(uri) == pipeline_public_uri(uri)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from cass_engine import CassConfig
 from pipeline import storage, writer
-from pipeline.config import ComputeConfig, ConfigError, IOConfig, redact
+from pipeline.config import ComputeConfig, ConfigError, IOConfig
 from pipeline.decode import decode_image
 from pipeline.engine import EngineSpec, stage_weights
 from pipeline.plan import JobConfig, OutputPolicy, StartupError, plan_job
@@ -35,6 +35,7 @@ from pipeline.worker import LabelWorker, WorkerSpec
 from schemas import SCHEMA_VERSION, annotations_to_label_map
 from schemas.completion import certified_labels
 from schemas.io import open_output, read_label_table
+from schemas.uris import redact
 
 LIMIT = 1_000_000
 

@@ -468,7 +468,7 @@ def test_sibling_output_is_accepted():
 
 
 def test_messages_never_show_user_info_or_query(tmp_path, capsys):
-    from pipeline.config import public_text
+    from schemas.uris import public_text
 
     text = public_text("cannot read s3://AKIA:SECRET1@bucket/x.tar?X-Amz-Signature=SECRET2: "
                        "no (see https://host/a?token=SECRET3)")

@@ -114,7 +114,7 @@ def memory_url() -> Iterator[Callable[[Path, str], tuple[str, str]]]:
         url = f"memory://user:SECRET@weights-test/{name}?X-Amz-Signature=SECRET2"
         _put_in_memory(path, url)
         urls.append(url)
-        return url, f"memory://weights-test/{name}"
+        return url, f"memory://***@weights-test/{name}"
 
     yield put
     fs = fsspec.filesystem("memory")
@@ -385,7 +385,7 @@ def test_missing_file(loader, tmp_path):
 def test_missing_url_hides_credentials(tmp_path):
     with pytest.raises(WeightsError) as err:
         load_clip("memory://user:SECRET@bucket/ViT-B-16.pt?token=SECRET2", cache_dir=str(tmp_path))
-    assert str(err.value) == "weights file not found: memory://bucket/ViT-B-16.pt"
+    assert str(err.value) == "weights file not found: memory://***@bucket/ViT-B-16.pt"
 
 
 def test_unreachable_url_hides_credentials(tmp_path):
@@ -395,7 +395,7 @@ def test_unreachable_url_hides_credentials(tmp_path):
     url = f"http://user:SECRET@127.0.0.1:{port}/ViT-B-16.pt?X-Amz-Signature=SECRET2"
     with pytest.raises(WeightsError) as err:
         load_clip(url, cache_dir=str(tmp_path))
-    assert f"http://127.0.0.1:{port}/ViT-B-16.pt (" in str(err.value)
+    assert f"http://***@127.0.0.1:{port}/ViT-B-16.pt (" in str(err.value)
     assert "SECRET" not in "".join(traceback.format_exception(err.value))
     assert os.listdir(tmp_path) == []
 

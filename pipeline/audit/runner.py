@@ -7,9 +7,9 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pipeline.config import public_text, public_uri
 from schemas.confidence import decode_levels
 from schemas.io import output_provenance
+from schemas.uris import public_text, public_uri
 
 from .calibration import CalibrationAccumulator, write_calibration
 from .categories import build_mapping, parse_mapping_text

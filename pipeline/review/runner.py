@@ -20,8 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pipeline.audit.predictions import open_labels
-from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS, public_uri
+from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS
 from schemas.io import iter_label_rows, open_output, output_provenance, read_run_record
+from schemas.uris import public_uri
 
 from .client import LabelStudioClient, LabelStudioError
 from .images import SourceRef, data_uri, load_images
