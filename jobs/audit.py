@@ -21,7 +21,7 @@ import sys
 from argparse import ArgumentTypeError
 
 from pipeline.audit import AuditConfig, AuditError, run_audit
-from pipeline.audit.runner import GT_FORMATS
+from pipeline.audit.auditing import GT_FORMATS
 from pipeline.config import storage_options_argument
 from schemas.uris import public_text
 

@@ -15,14 +15,14 @@ import argparse
 import sys
 
 from pipeline.audit import AuditError, build_metrics, write_report
-from pipeline.audit.report import empty_unmatched
-from pipeline.benchmarks import (
+from pipeline.audit.benchmarks import (
     BENCHMARKS,
     comparison_table,
     get_benchmark,
     list_samples,
     run_benchmark,
 )
+from pipeline.audit.report import empty_unmatched
 from schemas.uris import public_text
 
 EXIT_INPUT_ERROR = 2

@@ -36,7 +36,7 @@ from schemas.labels import STATUS_OK
 from schemas.masks import annotations_to_label_map
 from schemas.uris import public_uri
 
-from .audit.progress import Progress
+from .audit.progress_line import ProgressLine
 from .source_images import SourceItem, SourceJoin, label_files
 from .storage import filesystem, is_local
 
@@ -185,12 +185,12 @@ def write_side_files(fs: Any, root: str, provenance: Mapping, summary: ExportSum
     _put(fs, f"{root}/export.json", json.dumps(meta, indent=2, default=str).encode())
 
 
-def _progress(files: list[str], fs: Any, options: ExportOptions, what: str) -> Progress:
+def _progress(files: list[str], fs: Any, options: ExportOptions, what: str) -> ProgressLine:
     total = 0
     for path in files:
         with fs.open(path, "rb") as f:
             total += pq.ParquetFile(f).metadata.num_rows
-    return Progress(f"export {what}: rows", total, options.progress)
+    return ProgressLine(f"export {what}: rows", total, options.progress)
 
 
 def _account(summary: ExportSummary, row: Mapping, levels: np.ndarray) -> None:

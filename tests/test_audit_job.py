@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from audit_fixtures import failed_row, ok_row, write_labels_output
 from PIL import Image
 
 from jobs.audit import main
-from pipeline.audit.fixtures import failed_row, ok_row, write_labels_output
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = [["background", "sky"], ["cat", "kitty"], ["dog"]]

@@ -205,7 +205,7 @@ def test_audit_and_benchmark_readers_do_not_import_torch_or_ray():
     import subprocess
     import sys
 
-    code = ("import sys, jobs.audit, pipeline.benchmarks; "
+    code = ("import sys, jobs.audit, pipeline.audit.benchmarks; "
             "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout

@@ -7,11 +7,11 @@ import json
 
 import numpy as np
 import pytest
+from audit_fixtures import failed_row, ok_row, write_labels_output
 from PIL import Image
 from pycocotools import mask as coco_mask
 
 from pipeline.audit import AuditError
-from pipeline.audit.fixtures import failed_row, ok_row, write_labels_output
 from pipeline.audit.gt_coco import CocoGroundTruth
 from pipeline.audit.gt_masks import MaskFolderGroundTruth, load_class_list
 from pipeline.audit.gt_parquet import ParquetGroundTruth

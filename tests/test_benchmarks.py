@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline.audit import AuditError
-from pipeline.audit.metrics import IGNORED
-from pipeline.benchmarks import (
+from pipeline.audit.benchmarks import (
     BENCHMARKS,
     comparison_table,
     get_benchmark,
@@ -19,6 +18,7 @@ from pipeline.benchmarks import (
     load_label_map,
     run_benchmark,
 )
+from pipeline.audit.metrics import IGNORED
 
 I = IGNORED
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from audit_fixtures import write_labels_output
 from PIL import Image
 
 from jobs import audit as audit_job
 from pipeline.audit.calibration import CalibrationAccumulator, lowest_level
-from pipeline.audit.fixtures import write_labels_output
 from pipeline.audit.metrics import IGNORED
 from schemas.confidence import dequantize, encode_confidence, quantize, resolve_levels
 from schemas.labels import make_row
@@ -115,7 +115,7 @@ def test_unreachable_and_unjudged_classes():
 
 
 def test_calibration_needs_confidence(tmp_path):
-    from pipeline.audit.fixtures import ok_row
+    from audit_fixtures import ok_row
 
     labels = tmp_path / "plain"
     write_labels_output(str(labels), {"s0": [ok_row("img0", np.zeros((4, 4), int), 3)]}, VOCAB)

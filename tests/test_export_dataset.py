@@ -101,7 +101,7 @@ def test_without_confidence_it_is_nan_and_thresholds_raise(tmp_path):
 
 
 def test_thresholds_on_a_schema_1_0_output_without_run_record_raise(tmp_path):
-    from pipeline.audit.fixtures import ok_row, write_labels_output
+    from audit_fixtures import ok_row, write_labels_output
 
     root = tmp_path / "old"
     write_labels_output(str(root), {"s0": [ok_row("x", np.zeros((2, 2), int), 2)]},

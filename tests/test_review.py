@@ -16,11 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from audit_fixtures import failed_row, ok_row, write_labels_output
 from PIL import Image
 
 from jobs.audit import main as audit_main
 from jobs.review import main as review_main
-from pipeline.audit.fixtures import failed_row, ok_row, write_labels_output
 from pipeline.review.brush import BrushError, decode_brush, encode_brush
 from pipeline.review.ranking import disagreement, top_k, uncertainty
 from schemas.masks import rle_to_mask
@@ -448,7 +448,7 @@ def test_duplicate_image_tasks_keep_the_latest_annotation(tmp_path, capsys):
 
 
 def test_records_and_sheet_show_public_uris(tmp_path):
-    from pipeline.review.runner import ReviewConfig, _batch_record, _write_files
+    from pipeline.review.session import ReviewConfig, _batch_record, _write_files
 
     config = ReviewConfig(labels="s3://AKIAKEY:topsecret@bucket/out?X-Amz-Signature=sig",
                           out_dir=str(tmp_path / "r"), top=1,

@@ -536,10 +536,10 @@ DATA_NAMES = ["background", "cost $5 or $6", "<script>alert(1)</script>", "a $^$
 
 
 def test_audit_draws_data_text_literally_and_escapes_html(tmp_path):
+    from audit_fixtures import ok_row, write_labels_output
     from PIL import Image
 
     from jobs.audit import main
-    from pipeline.audit.fixtures import ok_row, write_labels_output
 
     labels = np.zeros((8, 8), np.int64)
     labels[:4] = 1

@@ -1,16 +1,17 @@
 """Quality audits of labels against held-out ground truth (mmseg metric conventions).
 
-Entry points: :func:`run_audit` with an :class:`AuditConfig` (``jobs/audit.py``), and the
-building blocks reused by the benchmark protocol (:class:`Evaluator`, mappings, reports).
+Entry points: :func:`run_audit` with an :class:`AuditConfig` (:mod:`.auditing`,
+``jobs/audit.py``) and the paper's benchmarks (:mod:`.benchmarks`, ``jobs/evaluate.py``),
+which reuse the building blocks (:class:`Evaluator`, mappings, reports).
 """
 
+from .auditing import AuditConfig, AuditOutcome, run_audit
 from .categories import CategoryMapping, GtCategory, build_mapping, identity_mapping
 from .errors import AuditError
 from .evaluator import EvaluationResult, Evaluator
 from .report import build_metrics
-from .runner import AuditConfig, AuditOutcome, run_audit
+from .report_files import write_report
 from .worst import ImageRef
-from .writer import write_report
 
 __all__ = [
     "AuditConfig", "AuditError", "AuditOutcome", "CategoryMapping", "EvaluationResult",

@@ -197,7 +197,7 @@ def _int_or(value: object, default: int) -> int:
 
 
 def open_labelstudio(config) -> LabelStudioGroundTruth:
-    """The reader for an :class:`~pipeline.audit.runner.AuditConfig`: the export file at
+    """The reader for an :class:`~pipeline.audit.auditing.AuditConfig`: the export file at
     ``ground_truth``, or the export pulled from ``label_studio_url`` / ``label_studio_project``.
     """
     if not config.label_studio_url:

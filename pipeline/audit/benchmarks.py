@@ -34,13 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.audit.categories import identity_mapping
-from pipeline.audit.errors import AuditError
-from pipeline.audit.evaluator import EvaluationResult, Evaluator
-from pipeline.audit.gt_masks import reduce_zero_label, to_internal
-from pipeline.audit.progress import Progress
-from pipeline.audit.sources import decode_label_png, decode_rgb
-from pipeline.audit.worst import ImageRef
+from .categories import identity_mapping
+from .errors import AuditError
+from .evaluator import EvaluationResult, Evaluator
+from .gt_masks import reduce_zero_label, to_internal
+from .progress_line import ProgressLine
+from .sources import decode_label_png, decode_rgb
+from .worst import ImageRef
 
 SegmentFn = Callable[[list[np.ndarray]], list[np.ndarray]]
 
@@ -155,7 +155,7 @@ def resolve_root(spec: BenchmarkSpec, data_root: str | Path) -> Path:
             return base / sub
     tried = ", ".join(str(base / sub / spec.image_dir) for sub in spec.root_candidates)
     raise AuditError(f"{spec.name}: image folder not found (tried {tried}); expected the "
-                     "mmsegmentation layout, see pipeline/benchmarks.py")
+                     "mmsegmentation layout, see pipeline/audit/benchmarks.py")
 
 
 def _names(spec: BenchmarkSpec, root: Path) -> list[str]:
@@ -233,7 +233,7 @@ def run_benchmark(spec: BenchmarkSpec, data_root: str | Path, segment: SegmentFn
     if samples is None:
         samples = list_samples(spec, data_root, limit)
     evaluator = Evaluator(identity_mapping(spec.class_names()), worst_k)
-    meter = Progress(spec.name, len(samples), sys.stderr if progress else None)
+    meter = ProgressLine(spec.name, len(samples), sys.stderr if progress else None)
     for batch in _batches(samples, batch_size):
         predictions = segment([load_image(s) for s in batch])
         for sample, pred in zip(batch, predictions, strict=True):

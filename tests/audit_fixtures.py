@@ -1,4 +1,4 @@
-"""Tiny labels outputs for tests and demos, written through ``schemas`` (no engine needed).
+"""Tiny labels outputs for the tests, written through ``schemas`` (no engine needed).
 
 The layout is the pipeline's: ``ROOT/labels/<shard>.parquet``, ``ROOT/_done/<shard>.json``,
 ``ROOT/run.json`` with the categories.

@@ -7,7 +7,7 @@ import time
 from typing import TextIO
 
 
-class Progress:
+class ProgressLine:
     """Rate-limited progress display.
 
     On a terminal the line is redrawn in place; otherwise a line is printed at most every

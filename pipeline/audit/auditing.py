@@ -28,11 +28,11 @@ from .predictions import (
     row_label_map,
     row_presence,
 )
-from .progress import Progress
+from .progress_line import ProgressLine
 from .report import EXAMPLES, build_metrics
+from .report_files import write_report
 from .sources import load_source_image, name_aliases, read_text, url_to_fs
 from .worst import ImageRef
-from .writer import write_report
 
 GT_FORMATS = ("coco", "masks", "parquet", "labelstudio")
 EXIT_OK, EXIT_BELOW_BAR = 0, 1
@@ -242,7 +242,7 @@ def evaluate_labels(config: AuditConfig, calibration_out: list | None = None
         if calibration_out is not None:
             calibration_out.append((calibration, [c.name for c in labels.categories]))
     log = MatchLog()
-    progress = Progress("audit: rows", None, sys.stderr if config.progress else None)
+    progress = ProgressLine("audit: rows", None, sys.stderr if config.progress else None)
     for row in iter_rows(labels):
         outcome = _evaluate_row(row, labels, gt, evaluator, log, config.image_suffix,
                                 calibration)
