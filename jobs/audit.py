@@ -20,53 +20,75 @@ import os
 import sys
 from argparse import ArgumentTypeError
 
+from jobs.help_text import default_helper, given
 from pipeline.audit import AuditConfig, AuditError, run_audit
 from pipeline.audit.auditing import GT_FORMATS
+from pipeline.audit.gt_coco import UNLABELED_CHOICES
 from pipeline.config import storage_options_argument
 from schemas.uris import public_text
 
 EXIT_INPUT_ERROR = 2
 
 
+_default = default_helper(AuditConfig)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface."""
+    """The command-line interface; every optional flag defaults to ``None`` so that the value
+    left out comes from :class:`AuditConfig` (``dest`` = the field name)."""
     p = argparse.ArgumentParser(prog="audit", description=__doc__.split("\n\n")[0])
     p.add_argument("--labels", required=True, help="pipeline output root (labels/ + run.json)")
     p.add_argument("--ground-truth", default=None,
                    help="COCO JSON file, folder/prefix of mask PNGs, labels-schema output, or "
                    "Label Studio JSON export (required unless --label-studio-url)")
     p.add_argument("--gt-format", choices=GT_FORMATS, default=None,
-                   help="ground-truth format (default: detected from the URI)")
+                   help=f"ground-truth format {_default('gt_format', 'detected from the URI')}")
     p.add_argument("--category-map", default=None,
-                   help="JSON object {vocabulary class: gt category name | id | null}")
-    p.add_argument("--report", required=True, help="report directory (any fsspec URI)")
+                   help="JSON object {vocabulary class: gt category name | id | null} "
+                   + _default("category_map", "classes matched by name and synonyms"))
+    p.add_argument("--report", dest="report_dir", metavar="DIR", required=True,
+                   help="report directory (any fsspec URI)")
     p.add_argument("--fail-under", type=float, default=None, metavar="MIOU",
-                   help="exit with status 1 when mIoU (percent) is below this")
+                   help="exit with status 1 when mIoU (percent) is below this "
+                   + _default("fail_under", "no bar"))
     p.add_argument("--gt-classes", default=None,
-                   help="class list of mask ground truth (default ROOT/classes.txt)")
-    p.add_argument("--mask-suffix", default=".png", help="mask file-name ending (default .png)")
-    p.add_argument("--reduce-zero-label", action="store_true",
-                   help="masks: value 0 is unlabeled (mmseg reduce_zero_label)")
+                   help="class list of mask ground truth "
+                   + _default("gt_classes", "ROOT/classes.txt"))
+    p.add_argument("--mask-suffix", default=None,
+                   help=f"mask file-name ending {_default('mask_suffix')}")
+    p.add_argument("--reduce-zero-label", action="store_true", default=None,
+                   help="masks: value 0 is unlabeled (mmseg reduce_zero_label) "
+                   + _default("reduce_zero_label"))
     p.add_argument("--image-suffix", default=None,
                    help="image file-name ending removed from label keys when matching mask "
-                   "names (e.g. _leftImg8bit.png for Cityscapes gtFine masks)")
-    p.add_argument("--coco-unlabeled", choices=("background", "ignore"), default="background",
-                   help="COCO: pixels without annotation are 'background' or ignored")
-    p.add_argument("--worst-k", type=int, default=8, help="worst images shown (default 8)")
-    p.add_argument("--coco-ap", action="store_true",
-                   help="also compute COCOeval segm AP over per-(image, class) regions")
+                   "names (e.g. _leftImg8bit.png for Cityscapes gtFine masks) "
+                   + _default("image_suffix", "keys used as they are"))
+    p.add_argument("--coco-unlabeled", choices=UNLABELED_CHOICES, default=None,
+                   help="COCO: pixels without annotation are 'background' or ignored "
+                   + _default("coco_unlabeled"))
+    p.add_argument("--worst-k", type=int, default=None,
+                   help=f"worst images shown with overlays {_default('worst_k')}")
+    p.add_argument("--coco-ap", action="store_true", default=None,
+                   help="also compute COCOeval segm AP over per-(image, class) regions "
+                   + _default("coco_ap"))
     p.add_argument("--storage-options", default=None,
                    help="JSON object of fsspec storage options for every URI, or @FILE "
-                   "naming a file that holds one (keeps secrets off the command line)")
-    p.add_argument("--no-progress", action="store_true", help="no progress display")
+                   "naming a file that holds one (keeps secrets off the command line) "
+                   + _default("storage_options"))
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress display on stderr "
+                   + _default("progress", true="progress shown", false="no progress"))
     p.add_argument("--label-studio-url", default=None, metavar="URL",
                    help="pull the reviewed ground truth from this Label Studio server "
-                   "(token from $LABEL_STUDIO_API_KEY); implies --gt-format labelstudio")
-    p.add_argument("--project", default=None, metavar="NAME_OR_ID",
-                   help="Label Studio project title or id (with --label-studio-url)")
+                   "(token from $LABEL_STUDIO_API_KEY); implies --gt-format labelstudio "
+                   + _default("label_studio_url", "read --ground-truth"))
+    p.add_argument("--project", dest="label_studio_project", default=None, metavar="NAME_OR_ID",
+                   help="Label Studio project title or id (with --label-studio-url) "
+                   + _default("label_studio_project"))
     p.add_argument("--calibrate-precision", type=float, default=None, metavar="P",
                    help="also write thresholds.json: per class the lowest confidence "
-                   "threshold whose pixel precision reaches P (0..1; needs confidence)")
+                   "threshold whose pixel precision reaches P (0..1; needs confidence) "
+                   + _default("calibrate_precision", "no thresholds"))
     return p
 
 
@@ -79,35 +101,27 @@ def _label_studio_args(args: argparse.Namespace) -> dict:
     if args.gt_format not in (None, "labelstudio"):
         raise AuditError("--label-studio-url reads Label Studio ground truth; drop --gt-format "
                          f"{args.gt_format}")
-    if not args.project:
+    if not args.label_studio_project:
         raise AuditError("--label-studio-url needs --project NAME_OR_ID")
     token = os.environ.get("LABEL_STUDIO_API_KEY")
     if not token:
         raise AuditError("--label-studio-url needs the API token in $LABEL_STUDIO_API_KEY")
-    return {"gt_format": "labelstudio", "label_studio_url": args.label_studio_url,
-            "label_studio_project": args.project, "label_studio_token": token,
+    return {"gt_format": "labelstudio", "label_studio_token": token,
             "ground_truth": args.ground_truth or f"{args.label_studio_url} project "
-            f"{args.project}"}
+            f"{args.label_studio_project}"}
 
 
 def config_from_args(args: argparse.Namespace) -> AuditConfig:
-    """Turn parsed arguments into an :class:`AuditConfig` (raises ``AuditError``)."""
-    options = {}
-    if args.storage_options:
+    """Turn parsed arguments into an :class:`AuditConfig` (raises ``AuditError``); flags left
+    out (``None``) take the dataclass's defaults."""
+    values = given(vars(args))
+    raw_options = values.pop("storage_options", None)
+    if raw_options:
         try:  # parsed here (not as an argparse type) to keep the one-line error contract
-            options = storage_options_argument(args.storage_options)
+            values["storage_options"] = storage_options_argument(raw_options)
         except ArgumentTypeError as error:
             raise AuditError(f"--storage-options: {error}") from None
-    fields = dict(
-        labels=args.labels, ground_truth=args.ground_truth, report_dir=args.report,
-        gt_format=args.gt_format, category_map=args.category_map, gt_classes=args.gt_classes,
-        mask_suffix=args.mask_suffix, reduce_zero_label=args.reduce_zero_label,
-        image_suffix=args.image_suffix,
-        coco_unlabeled=args.coco_unlabeled, worst_k=args.worst_k, coco_ap=args.coco_ap,
-        fail_under=args.fail_under, storage_options=options, progress=not args.no_progress,
-        calibrate_precision=args.calibrate_precision,
-    )
-    return AuditConfig(**{**fields, **_label_studio_args(args)})
+    return AuditConfig(**{**values, **_label_studio_args(args)})
 
 
 def _print_summary(metrics: dict, files: list[str]) -> None:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.help_text import default_helper, given
 from pipeline.audit import AuditError, build_metrics, write_report
 from pipeline.audit.benchmarks import (
     BENCHMARKS,
+    EvaluateConfig,
     comparison_table,
-    get_benchmark,
     list_samples,
     run_benchmark,
 )
@@ -28,35 +29,58 @@ from schemas.uris import public_text
 EXIT_INPUT_ERROR = 2
 
 
+_default = default_helper(EvaluateConfig)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface."""
+    """The command-line interface; every optional flag defaults to ``None`` so that the value
+    left out comes from :class:`EvaluateConfig` (``dest`` = the field name)."""
     p = argparse.ArgumentParser(prog="evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--benchmark", required=True, choices=list(BENCHMARKS))
-    p.add_argument("--data-root", required=True,
+    p.add_argument("--benchmark", required=True, choices=list(BENCHMARKS), metavar="NAME",
+                   help=f"the paper's benchmark to reproduce: {', '.join(BENCHMARKS)} "
+                   "(required; data layouts in the README, 'Reproducing the paper')")
+    p.add_argument("--data-root", required=True, metavar="DIR",
                    help="dataset folder in the mmsegmentation layout (or its parent)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    p.add_argument("--clip-weights", default=None, help="OpenAI CLIP ViT-B/16 checkpoint")
-    p.add_argument("--dino-weights", default=None, help="official DINO ViT-B/8 checkpoint")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="evaluate the first N images only " + _default("limit", "all"))
+    p.add_argument("--clip-weights", default=None, metavar="FILE",
+                   help="OpenAI CLIP ViT-B/16 checkpoint "
+                   + _default("clip_weights", "the official weights, downloaded"))
+    p.add_argument("--dino-weights", default=None, metavar="FILE",
+                   help="official DINO ViT-B/8 checkpoint "
+                   + _default("dino_weights", "the official weights, downloaded"))
     p.add_argument("--random-weights", type=int, default=None, metavar="SEED",
-                   help="seeded random backbones (smoke runs; meaningless numbers)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per engine call")
-    p.add_argument("--report", default=None, help="also write an audit-style report here")
-    p.add_argument("--worst-k", type=int, default=8, help="worst images in the report")
-    p.add_argument("--no-progress", action="store_true", help="no progress display")
+                   help="seeded random backbones (smoke runs; meaningless numbers) "
+                   + _default("random_weights", "off"))
+    p.add_argument("--device", default=None, help=f"torch device {_default('device')}")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per engine call {_default('batch_size')}")
+    p.add_argument("--report", dest="report_dir", metavar="DIR", default=None,
+                   help="also write an audit-style report to this directory "
+                   + _default("report_dir", "no report"))
+    p.add_argument("--worst-k", type=int, default=None,
+                   help=f"worst images shown in the report {_default('worst_k')}")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress display on stderr "
+                   + _default("progress", true="progress shown", false="no progress"))
     return p
 
 
-def build_segment_fn(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
+    """The :class:`EvaluateConfig` of parsed arguments; flags left out take its defaults."""
+    return EvaluateConfig(**given(vars(args)))
+
+
+def build_segment_fn(config: EvaluateConfig):
     """Build the engine with the benchmark preset; returns images -> label maps."""
     from cass_engine import CassConfig, build_segmenter
     from cass_engine.weights import WeightsError
 
-    config = CassConfig.from_preset(get_benchmark(args.benchmark).name)
+    engine_config = CassConfig.from_preset(config.spec.name)
     try:
-        segmenter = build_segmenter(config, clip_weights=args.clip_weights,
-                                    dino_weights=args.dino_weights,
-                                    random_weights=args.random_weights, device=args.device)
+        segmenter = build_segmenter(engine_config, clip_weights=config.clip_weights,
+                                    dino_weights=config.dino_weights,
+                                    random_weights=config.random_weights, device=config.device)
     except WeightsError as error:
         raise AuditError(str(error)) from None
     segmenter.set_vocabulary()
@@ -68,33 +92,23 @@ def build_segment_fn(args: argparse.Namespace):
     return segment
 
 
-def _validate(args: argparse.Namespace) -> None:
-    if args.limit is not None and args.limit < 1:
-        raise AuditError("--limit must be >= 1")
-    if args.batch_size < 1:
-        raise AuditError("--batch-size must be >= 1")
-    if args.random_weights is not None and (args.clip_weights or args.dino_weights):
-        raise AuditError("--random-weights cannot be combined with --clip-weights/--dino-weights")
-
-
-def run(args: argparse.Namespace, segment=None) -> int:
+def run(config: EvaluateConfig, segment=None) -> int:
     """Evaluate; ``segment`` replaces the engine (tests). Returns the exit status."""
-    _validate(args)
-    spec = get_benchmark(args.benchmark)
-    samples = list_samples(spec, args.data_root, args.limit)  # fail fast, before the engine
-    segment = segment or build_segment_fn(args)
-    result = run_benchmark(spec, args.data_root, segment, batch_size=args.batch_size,
-                           worst_k=args.worst_k if args.report else 0,
-                           progress=not args.no_progress, samples=samples)
+    spec = config.spec
+    samples = list_samples(spec, config.data_root, config.limit)  # fail fast, before the engine
+    segment = segment or build_segment_fn(config)
+    result = run_benchmark(spec, config.data_root, segment, batch_size=config.batch_size,
+                           worst_k=config.worst_k if config.report_dir else 0,
+                           progress=config.progress, samples=samples)
     print(comparison_table(spec, result))
-    if args.random_weights is not None:
+    if config.random_weights is not None:
         print("note: random weights; the numbers say nothing about quality", file=sys.stderr)
-    if args.report:
+    if config.report_dir:
         sources = {"labels": f"engine preset {spec.name}", "ground_truth":
-                   f"{spec.name} at {args.data_root}", "published_mIoU": spec.published_miou,
+                   f"{spec.name} at {config.data_root}", "published_mIoU": spec.published_miou,
                    "published_aAcc": spec.published_aacc}
         metrics = build_metrics(result, empty_unmatched(), sources)
-        write_report(args.report, result, metrics, {},
+        write_report(config.report_dir, result, metrics, {},
                      lambda ref: _read_rgb(ref.source_uri))
     return 0
 
@@ -109,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments and evaluate; one-line errors with status 2."""
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        return run(config_from_args(args))
     except (AuditError, FileNotFoundError, ValueError) as error:
         print(f"evaluate: error: {public_text(str(error))}", file=sys.stderr)
         return EXIT_INPUT_ERROR

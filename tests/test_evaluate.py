@@ -16,15 +16,15 @@ from jobs import evaluate
 from jobs.audit import main as audit_main
 
 
-def _args(tmp_path: Path, *extra: str):
-    return evaluate.build_parser().parse_args(
-        ["--benchmark", "cityscapes", "--data-root", str(tmp_path), "--no-progress", *extra])
+def _config(tmp_path: Path, *extra: str):
+    return evaluate.config_from_args(evaluate.build_parser().parse_args(
+        ["--benchmark", "cityscapes", "--data-root", str(tmp_path), "--no-progress", *extra]))
 
 
 def test_evaluate_prints_measured_next_to_published_and_writes_report(tmp_path, capsys):
     make_tree(tmp_path, "cityscapes")
     report = tmp_path / "report"
-    code = evaluate.run(_args(tmp_path, "--report", str(report), "--batch-size", "2"),
+    code = evaluate.run(_config(tmp_path, "--report", str(report), "--batch-size", "2"),
                         segment=lambda ims: [np.zeros(im.shape[:2], int) for im in ims])
     assert code == 0
     out = capsys.readouterr().out

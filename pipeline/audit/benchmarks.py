@@ -129,6 +129,57 @@ def get_benchmark(name: str) -> BenchmarkSpec:
     return BENCHMARKS[name]
 
 
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """One benchmark run of ``jobs/evaluate.py`` (its flags default to these values).
+
+    Attributes:
+        benchmark: a name of :data:`BENCHMARKS`.
+        data_root: dataset folder in the mmsegmentation layout (or its parent).
+        limit: evaluate only the first ``limit`` images (``None``: all).
+        clip_weights: OpenAI CLIP ViT-B/16 checkpoint (``None``: the official weights, downloaded).
+        dino_weights: official DINO ViT-B/8 checkpoint (``None``: the official weights, downloaded).
+        random_weights: seed of random backbones for smoke runs (numbers meaningless).
+        device: torch device of the engine.
+        batch_size: images per engine call.
+        report_dir: also write an audit-style report there.
+        worst_k: worst images shown in the report.
+        progress: progress line on stderr.
+
+    Raises:
+        AuditError: an unknown benchmark or an out-of-range value (one line).
+    """
+
+    benchmark: str
+    data_root: str
+    limit: int | None = None
+    clip_weights: str | None = None
+    dino_weights: str | None = None
+    random_weights: int | None = None
+    device: str = "cpu"
+    batch_size: int = 1
+    report_dir: str | None = None
+    worst_k: int = 8
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        get_benchmark(self.benchmark)
+        if self.limit is not None and self.limit < 1:
+            raise AuditError("--limit must be >= 1")
+        if self.batch_size < 1:
+            raise AuditError("--batch-size must be >= 1")
+        if self.worst_k < 0:
+            raise AuditError("--worst-k must be >= 0")
+        if self.random_weights is not None and (self.clip_weights or self.dino_weights):
+            raise AuditError("--random-weights cannot be combined with "
+                             "--clip-weights/--dino-weights")
+
+    @property
+    def spec(self) -> BenchmarkSpec:
+        """The benchmark's :class:`BenchmarkSpec`."""
+        return BENCHMARKS[self.benchmark]
+
+
 def _preset_lines(file_name: str) -> list[str]:
     """Non-blank lines of a bundled preset vocabulary, read without importing the engine."""
     spec = importlib.util.find_spec("cass_engine")
