@@ -8,6 +8,7 @@ tomorrow is checked like today's.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,3 +95,11 @@ def test_audit_and_review_never_import_the_labeling_machinery():
     offenders = {str(path.relative_to(REPO)): bad for path, package in room_files()
                  if (bad := forbidden_imports(path, package))}
     assert offenders == {}, f"audit/review import the labeling machinery: {offenders}"
+
+
+def test_the_readme_audit_section_names_existing_modules():
+    readme = (REPO / "README.md").read_text("utf-8")
+    section = readme.split("## Auditing labels against ground truth", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(\w+)\.py`", section))
+    existing = module_names(PIPELINE / "audit") | module_names(PIPELINE / "review")
+    assert len(named) >= 10 and named <= existing, sorted(named - existing)
