@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cass_engine.staging import check_weight_choice
 from pipeline.audit import AuditError, build_metrics, write_report
 from pipeline.audit.report import empty_unmatched
 from pipeline.benchmarks import (
@@ -73,8 +74,10 @@ def _validate(args: argparse.Namespace) -> None:
         raise AuditError("--limit must be >= 1")
     if args.batch_size < 1:
         raise AuditError("--batch-size must be >= 1")
-    if args.random_weights is not None and (args.clip_weights or args.dino_weights):
-        raise AuditError("--random-weights cannot be combined with --clip-weights/--dino-weights")
+    try:
+        check_weight_choice(args.clip_weights, args.dino_weights, args.random_weights)
+    except ValueError as error:
+        raise AuditError(str(error)) from None
 
 
 def run(args: argparse.Namespace, segment=None) -> int:
