@@ -182,15 +182,22 @@ def test_one_cache_folder_where_the_readme_says(tmp_path, monkeypatch):
 
 def test_default_staging_goes_to_the_cache_root(tmp_path, monkeypatch):
     """Without a cache folder (``cass_engine.predict``, a job without ``cache_dir``), URLs are
-    staged under ``$CASS_CACHE_DIR/weights``."""
+    staged under ``$CASS_CACHE_DIR/weights``, by the engine and by the job's workers alike."""
+    from pipeline.engine import EngineSpec, stage_engine_weights
+
     monkeypatch.setenv("CASS_CACHE_DIR", str(tmp_path / "cass"))
     fs = fsspec.filesystem("memory")
     fs.pipe("memory://stage-e/w.pt", b"weights")
+    fs.pipe("memory://stage-e/d.pth", b"dino")
     try:
         staged = stage_weights("memory://stage-e/w.pt")
+        stage_engine_weights(EngineSpec(CassConfig.from_preset("voc21"),
+                                        dino_weights="memory://stage-e/d.pth"))
     finally:
-        fs.rm("memory://stage-e/w.pt")
+        fs.rm(["memory://stage-e/w.pt", "memory://stage-e/d.pth"])
     assert Path(staged).parent == tmp_path / "cass" / "weights"
+    assert len(_staged_files(tmp_path / "cass" / "weights")) == 2
+    assert sorted(p.name for p in (tmp_path / "cass").iterdir()) == ["weights"]
 
 
 def test_random_weights_with_files_is_one_rule(tmp_path):
