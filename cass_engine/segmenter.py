@@ -339,18 +339,19 @@ def build_segmenter(config: CassConfig, *, clip_weights: str | None = None,
         dtype: reduced precision for the image backbones (see ``resolve_dtype``); None means
             float32 on CPU and float16 on accelerators.
         storage_options: fsspec options for weight URLs.
-        cache_dir: cache root for staged weights and text embeddings.
+        cache_dir: cache root for staged weights (``<root>/weights``) and text embeddings
+            (``<root>/text``); None: ``$CASS_CACHE_DIR`` or ``~/.cache/cass_engine``.
     """
+    from .staging import check_weight_choice, weights_dir
     from .weights import load_clip, load_dino
 
-    if random_weights is not None and (clip_weights or dino_weights):
-        raise ValueError("random_weights cannot be combined with clip_weights/dino_weights")
+    check_weight_choice(clip_weights, dino_weights, random_weights)
     device = torch.device(device)
     dtype = resolve_dtype(device, dtype)
-    cache = str(cache_dir) if cache_dir is not None else None
-    clip, clip_info = load_clip(clip_weights, random_seed=random_weights, cache_dir=cache,
+    staged = str(weights_dir(cache_dir)) if cache_dir is not None else None
+    clip, clip_info = load_clip(clip_weights, random_seed=random_weights, cache_dir=staged,
                                 storage_options=storage_options)
-    dino, dino_info = load_dino(dino_weights, random_seed=random_weights, cache_dir=cache,
+    dino, dino_info = load_dino(dino_weights, random_seed=random_weights, cache_dir=staged,
                                 storage_options=storage_options)
     info = {"clip": clip_info.to_dict(), "dino": dino_info.to_dict(),
             "random_weights": random_weights, "dtype": str(dtype).replace("torch.", "")}

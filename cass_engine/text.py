@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 from torch import nn
 
+from .staging import cache_root
 from .vocabulary import Vocabulary
 
 CACHE_FORMAT = "cass-text-v1"
@@ -54,9 +54,8 @@ class TextEmbeddings:
 
 
 def default_cache_dir() -> Path:
-    """``$CASS_CACHE_DIR`` or ``~/.cache/cass_engine``."""
-    root = os.environ.get("CASS_CACHE_DIR") or Path.home() / ".cache" / "cass_engine"
-    return Path(root)
+    """``$CASS_CACHE_DIR`` or ``~/.cache/cass_engine`` (the engine's one cache root)."""
+    return cache_root()
 
 
 def text_weights_hash(model: nn.Module) -> str:

@@ -8,21 +8,15 @@ the Ray object store (``set_vocabulary(text_embeddings=...)``).
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+from cass_engine.staging import check_weight_choice
 from schemas.uris import public_uri
 
 from .stub import StubOptions, StubSegmenter
-
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cass-labeler")
 
 
 @dataclass(frozen=True)
@@ -39,7 +33,9 @@ class EngineSpec:
             for the engine's default (float32 on CPU, float16 on GPUs).
         storage_options: fsspec options for weight URLs (never recorded).
         stub: build the fast stub engine instead (tests, benchmarks).
-        cache_dir: node-local directory for staged weights.
+        cache_dir: the engine's cache root on each node (staged weights in ``weights/``,
+            text embeddings in ``text/``); None: ``$CASS_CACHE_DIR`` or
+            ``~/.cache/cass_engine`` of the worker.
     """
 
     config: Any
@@ -50,11 +46,10 @@ class EngineSpec:
     dtype: str | None = None
     storage_options: Mapping = field(default_factory=dict)
     stub: StubOptions | None = None
-    cache_dir: str = DEFAULT_CACHE_DIR
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.random_weights is not None and (self.clip_weights or self.dino_weights):
-            raise ValueError("--random-weights cannot be combined with --clip/--dino-weights")
+        check_weight_choice(self.clip_weights, self.dino_weights, self.random_weights)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError("device must be auto, cpu or cuda")
         if self.dtype not in (None, "float32", "float16", "bfloat16", "auto"):
@@ -91,15 +86,12 @@ def build_engine(spec: EngineSpec, device: str) -> Any:
     from cass_engine.weights import WeightsError
 
     try:
+        stage_engine_weights(spec)
         with _quiet_hub_logs():
             return build_segmenter(
-                spec.config,
-                clip_weights=stage_weights(spec.clip_weights, spec.cache_dir,
-                                           spec.storage_options),
-                dino_weights=stage_weights(spec.dino_weights, spec.cache_dir,
-                                           spec.storage_options),
+                spec.config, clip_weights=spec.clip_weights, dino_weights=spec.dino_weights,
                 random_weights=spec.random_weights, device=device, dtype=spec.dtype,
-                storage_options=dict(spec.storage_options) or None,
+                storage_options=dict(spec.storage_options) or None, cache_dir=spec.cache_dir,
             )
     except WeightsError as exc:  # its message says it all: no chained library tracebacks
         raise WeightsError(str(exc)) from None  # in the worker's log
@@ -118,29 +110,15 @@ def _quiet_hub_logs() -> Iterator[None]:
         hub.setLevel(level)
 
 
-def stage_weights(uri: str | None, cache_dir: str, storage_options: Mapping) -> str | None:
-    """Copy a remote weight file to the node-local cache once; local paths pass through.
+def stage_engine_weights(spec: EngineSpec) -> None:
+    """Stage the spec's weight URLs into the node's cache (the engine's one stager, under its
+    per-node lock), retrying transient storage errors; the engine then finds them staged and
+    records the URL (without credentials) and the file's sha256, never the cache path."""
+    from cass_engine.staging import stage_weights, weights_dir
 
-    Concurrent actors on one node serialise on a lock file, so the first downloads and the
-    others reuse the file.
-    """
-    if uri is None or "://" not in uri or uri.startswith("file://"):
-        return uri
-    directory = Path(cache_dir) / "weights"
-    directory.mkdir(parents=True, exist_ok=True)
-    name = hashlib.sha256(uri.encode()).hexdigest()[:16] + "-" + Path(urlsplit(uri).path).name
-    target = directory / name
-    with open(str(target) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not target.exists():
-            _download(uri, target, storage_options)
-    return str(target)
+    from .storage import retry
 
-
-def _download(uri: str, target: Path, storage_options: Mapping) -> None:
-    from .storage import filesystem, retry
-
-    fs, path = filesystem(uri, storage_options)
-    partial = target.with_suffix(target.suffix + ".partial")
-    retry(lambda: fs.get_file(path, str(partial)), f"download weights {public_uri(uri)}")
-    partial.replace(target)
+    for uri in (spec.clip_weights, spec.dino_weights):
+        if uri is not None:
+            stage_weights(uri, weights_dir(spec.cache_dir), dict(spec.storage_options),
+                          retry=retry)

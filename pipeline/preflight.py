@@ -79,7 +79,8 @@ def check_hub_weights(engine: Any, timeout_s: float = 5.0) -> None:
             raise PreflightError(f"weights file not found: {path} ({flag})")
     if engine.clip_weights and engine.dino_weights:
         return
-    from cass_engine.weights import WEIGHTS_REMEDY, missing_hub_weights
+    from cass_engine.registry import missing_hub_weights
+    from cass_engine.weights import WEIGHTS_REMEDY
 
     flags = [f for f in missing_hub_weights()
              if not (engine.clip_weights if f == "--clip-weights" else engine.dino_weights)]

@@ -15,7 +15,7 @@ import timm
 import torch
 from skimage import data
 
-from cass_engine.weights import CLIP_MODEL_NAME, DINO_MODEL_NAME
+from cass_engine.registry import CLIP_MODEL_NAME, DINO_MODEL_NAME
 
 
 @lru_cache(maxsize=2)

@@ -21,10 +21,11 @@ from conftest import edge_case_images, encode, photo, photos, tar_bytes, write_v
 from PIL import Image
 
 from cass_engine import CassConfig
+from cass_engine.staging import stage_weights
 from pipeline import storage, writer
 from pipeline.config import ComputeConfig, ConfigError, IOConfig
 from pipeline.decode import decode_image
-from pipeline.engine import EngineSpec, stage_weights
+from pipeline.engine import EngineSpec, stage_engine_weights
 from pipeline.plan import JobConfig, OutputPolicy, StartupError, plan_job
 from pipeline.readers import iter_raw_images, tar_key
 from pipeline.record import OutputConflict, check_compatible
@@ -790,17 +791,22 @@ def test_import_rules():
 def test_weights_are_staged_once_per_node(tmp_path, monkeypatch):
     import fsspec
 
+    from cass_engine import staging
+
     with fsspec.open("memory://weights/clip.pt", "wb") as f:
         f.write(b"weights")
-    assert stage_weights("/local/clip.pt", str(tmp_path), {}) == "/local/clip.pt"
+    spec = EngineSpec(object(), clip_weights="memory://weights/clip.pt",
+                      dino_weights="/local/dino.pth", cache_dir=str(tmp_path))
     calls = []
-    real = __import__("pipeline.engine", fromlist=["_download"])._download
-    monkeypatch.setattr("pipeline.engine._download",
-                        lambda *a: (calls.append(a), real(*a)))
-    first = stage_weights("memory://weights/clip.pt", str(tmp_path), {})
-    second = stage_weights("memory://weights/clip.pt", str(tmp_path), {})
-    assert first == second and Path(first).read_bytes() == b"weights" and len(calls) == 1
+    real = staging._download
+    monkeypatch.setattr(staging, "_download", lambda *a: (calls.append(a), real(*a)))
+    stage_engine_weights(spec)
+    stage_engine_weights(spec)
+    assert len(calls) == 1 and calls[0][3] is not None  # copied once, with the job's retries
+    first = stage_weights("memory://weights/clip.pt", str(tmp_path / "weights"))
+    assert len(calls) == 1 and Path(first).read_bytes() == b"weights"
     assert os.path.dirname(first) == str(tmp_path / "weights")
+    assert not (tmp_path / "weights" / "dino.pth").exists()  # local paths are not copied
 
 
 def test_memory_error_while_decoding_fails_the_attempt_not_the_image(tmp_path, vocab_file,

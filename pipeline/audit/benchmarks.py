@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cass_engine.staging import check_weight_choice
+
 from .categories import identity_mapping
 from .errors import AuditError
 from .evaluator import EvaluationResult, Evaluator
@@ -170,9 +172,10 @@ class EvaluateConfig:
             raise AuditError("--batch-size must be >= 1")
         if self.worst_k < 0:
             raise AuditError("--worst-k must be >= 0")
-        if self.random_weights is not None and (self.clip_weights or self.dino_weights):
-            raise AuditError("--random-weights cannot be combined with "
-                             "--clip-weights/--dino-weights")
+        try:
+            check_weight_choice(self.clip_weights, self.dino_weights, self.random_weights)
+        except ValueError as error:
+            raise AuditError(str(error)) from None
 
     @property
     def spec(self) -> BenchmarkSpec:
