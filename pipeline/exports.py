@@ -240,10 +240,12 @@ def _hf_schema(provenance: Mapping) -> pa.Schema:
 
 def hf_image_bytes(item: SourceItem) -> tuple[bytes, str]:
     """The image as stored in the ``hf`` export: the source bytes when they decode to the same
-    pixels without EXIF handling (JPEG/PNG, RGB, no rotation), else a PNG of the RGB."""
+    pixels without EXIF handling (JPEG/PNG, RGB, no transparency, no rotation), else a PNG of
+    the RGB."""
     try:  # header only (the source was decoded, within the pixel limit, by the join)
         with open_image(io.BytesIO(item.data)) as image:
             keep = (image.format in ("JPEG", "PNG") and image.mode == "RGB"
+                    and "transparency" not in image.info  # tRNS: composited on white
                     and image.getexif().get(0x0112, 1) == 1)
             fmt = image.format.lower()
     except Exception:  # noqa: BLE001 - re-encode whatever Pillow reads oddly

@@ -93,6 +93,20 @@ def test_the_rule_alpha_on_white_16_bit_by_range_exif_applied():
     assert images["cmyk.jpg"].shape == rgb.shape and images["gray.png"].shape == rgb.shape
 
 
+def test_hf_export_stores_the_rule_pixels_of_a_transparent_rgb_png():
+    from pipeline.exports import hf_image_bytes
+    from pipeline.source_images import SourceItem
+
+    rgb = _rgb()
+    rgb[:4] = 0  # the tRNS colour: transparent, shown white by the rule
+    data = encode(Image.fromarray(rgb), transparency=(0, 0, 0))
+    seen = decode_image(data, LIMIT).rgb
+    assert (seen[:4] == 255).all()
+    stored, fmt = hf_image_bytes(SourceItem({"image_id": "s/x"}, seen, data))
+    assert fmt == "png" and stored != data
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(stored))), seen)
+
+
 def test_the_image_rule_loads_no_torch():
     code = ("import sys, cass_engine.images, pipeline.decode, pipeline.source_images; "
             "print('torch' in sys.modules)")
