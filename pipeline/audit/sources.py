@@ -76,14 +76,15 @@ def decode_label_png(data: bytes, where: str) -> np.ndarray:
 
 def load_source_image(source_uri: str | None, key: str | None,
                       storage_options: Mapping | None = None, image_id: str | None = None,
-                      io: Mapping | None = None) -> np.ndarray | None:
+                      source_io: Mapping | None = None) -> np.ndarray | None:
     """Best effort: the RGB image of a labels row, read and decoded as the labeling job did
     (:class:`pipeline.source_images.SourceReader`: tar members and Parquet rows matched on
     the row's ``image_id``; image files read whole).
 
     Args:
-        source_uri, key, image_id: the row's columns (``image_id`` defaults to ``key``).
-        io: the run record's ``io`` block (Parquet columns, ``max_image_pixels``).
+        source_uri, key, image_id: the row's columns (``image_id`` is needed for tar and
+            Parquet sources; it names the shard and the item).
+        source_io: the run record's ``io`` block (Parquet columns, ``max_image_pixels``).
 
     Returns:
         ``[H, W, 3]`` uint8, or ``None`` when it cannot be read (the report then shows masks
@@ -93,12 +94,12 @@ def load_source_image(source_uri: str | None, key: str | None,
 
     if not source_uri:
         return None
-    io = dict(io or {})
+    source_io = dict(source_io or {})
     ref = SourceRef(image_id or key or "", source_uri, key or "")
     try:
-        data = SourceReader(io, storage_options).read(ref)
+        data = SourceReader(source_io, storage_options).read(ref)
         rgb = data if isinstance(data, str) else decode_source(
-            data, io.get("max_image_pixels") or DEFAULT_MAX_PIXELS)
+            data, source_io.get("max_image_pixels") or DEFAULT_MAX_PIXELS)
     except Exception:  # noqa: BLE001 - overlays are optional; any failure means "no image"
         return None
     return None if isinstance(rgb, str) else rgb

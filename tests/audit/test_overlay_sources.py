@@ -64,5 +64,6 @@ def test_overlay_finds_rows_of_repeated_parquet_ids(tmp_path):
     assert len({r["image_id"] for r in rows}) == 3
     io = {"id_column": "id", "image_column": "image"}
     for row, data in zip(rows, images, strict=True):
-        got = load_source_image(row["source_uri"], row["key"], image_id=row["image_id"], io=io)
+        got = load_source_image(row["source_uri"], row["key"], image_id=row["image_id"],
+                                source_io=io)
         np.testing.assert_array_equal(got, decode_image(data, 10**6).rgb)
