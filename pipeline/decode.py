@@ -1,29 +1,27 @@
 """Decode image bytes to RGB uint8 arrays, or to an error kind.
 
-Rules:
-    - EXIF orientation is applied (width/height in the output are after rotation).
-    - Every mode becomes RGB: grayscale and palette are expanded; alpha is dropped (colour
-      values kept, as torchvision/open_clip loaders do); CMYK uses Pillow's conversion;
-      integer (16-bit) single-channel images are scaled to 8 bits (``value >> 8``);
-      float images are clipped to [0, 255].
+Pixels follow the one image rule of :mod:`cass_engine.images` (decoder allow-list, EXIF
+orientation, alpha composited on white, 16-bit scaled by ``value >> 8``), the rule the
+engine's CLI and API use too. Errors become kinds for error rows:
+
     - Zero bytes -> ``empty``; more than ``max_image_pixels`` pixels (checked from the header,
       before any pixel is decoded) -> ``too_large``; anything Pillow cannot read, including
       truncated data -> ``decode_error``.
-    - Only the formats of :data:`cass_engine.formats.IMAGE_FORMATS` are opened (JPEG, PNG,
-      WebP, GIF, TIFF, BMP); any other format is a ``decode_error`` naming the format it was
-      detected as, and no other decoder (nor an external program such as Ghostscript) runs.
+    - A format outside :data:`cass_engine.formats.IMAGE_FORMATS` (JPEG, PNG, WebP, GIF, TIFF,
+      BMP) is a ``decode_error`` naming the format it was detected as, and no other decoder
+      (nor an external program such as Ghostscript) runs.
 """
 
 from __future__ import annotations
 
-import io
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from cass_engine.formats import UnsupportedImageFormat, open_image
+from cass_engine.formats import UnsupportedImageFormat
+from cass_engine.images import ImageTooLarge, decode_rgb
 
 # The pipeline enforces its own limit (``max_image_pixels``) right after reading the header;
 # Pillow's warning for large images is redundant here. (A process-wide filter: the
@@ -85,31 +83,8 @@ def max_encoded_bytes(max_image_pixels: int) -> int:
 
 
 def _decode(data: bytes, max_image_pixels: int) -> DecodedImage:
-    image = open_image(io.BytesIO(data))
-    width, height = image.size
-    if width * height > max_image_pixels:
-        return _failed("too_large", f"{width}x{height} = {width * height} pixels exceeds "
-                       f"the limit of {max_image_pixels} (--max-image-pixels)", (width, height))
-    image.load()
-    image = ImageOps.exif_transpose(image)
-    rgb = to_rgb_array(image)
+    try:
+        rgb = decode_rgb(data, max_image_pixels)
+    except ImageTooLarge as exc:
+        return _failed("too_large", f"{exc} (--max-image-pixels)", exc.size)
     return DecodedImage(rgb, rgb.shape[1], rgb.shape[0])
-
-
-def to_rgb_array(image: Image.Image) -> np.ndarray:
-    """Any Pillow image -> ``[H, W, 3]`` uint8 RGB (see module rules)."""
-    if image.mode.startswith("I") or image.mode == "F":
-        gray = _to_uint8_gray(image)
-        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return np.array(image, dtype=np.uint8)  # a writable copy (torch warns on read-only)
-
-
-def _to_uint8_gray(image: Image.Image) -> np.ndarray:
-    """16/32-bit integer or float single-channel image -> ``[H, W]`` uint8."""
-    values = np.asarray(image)
-    if image.mode == "F":
-        return np.clip(values, 0, 255).astype(np.uint8)
-    values = values.astype(np.int64)
-    return (np.clip(values, 0, 65535) >> 8).astype(np.uint8)

@@ -31,13 +31,13 @@ from PIL import Image
 
 from cass_engine.formats import open_image
 from schemas.confidence import IGNORE_LABEL, apply_ignore, decode_levels
-from schemas.io import categories_document, iter_file_rows, output_provenance, read_run_record
+from schemas.io import categories_document, iter_file_rows, output_provenance
 from schemas.labels import STATUS_OK
 from schemas.masks import annotations_to_label_map
 from schemas.uris import public_uri
 
 from .audit.progress_line import ProgressLine
-from .source_images import SourceItem, SourceJoin, label_files
+from .source_images import SourceItem, SourceJoin, label_files, run_io
 from .storage import filesystem, is_local
 
 EXPORT_FORMATS = ("png", "hf", "coco")
@@ -152,13 +152,6 @@ def prepare(labels_uri: str, out_uri: str, options: ExportOptions) -> dict:
     return provenance
 
 
-def _run_io(labels_uri: str, storage_options: Mapping) -> dict:
-    try:
-        return dict(read_run_record(labels_uri, storage_options).get("io") or {})
-    except FileNotFoundError:
-        return {}
-
-
 def _put(fs: Any, path: str, data: bytes) -> None:
     if is_local(fs):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
@@ -247,10 +240,12 @@ def _hf_schema(provenance: Mapping) -> pa.Schema:
 
 def hf_image_bytes(item: SourceItem) -> tuple[bytes, str]:
     """The image as stored in the ``hf`` export: the source bytes when they decode to the same
-    pixels without EXIF handling (JPEG/PNG, RGB, no rotation), else a PNG of the RGB."""
+    pixels without EXIF handling (JPEG/PNG, RGB, no transparency, no rotation), else a PNG of
+    the RGB."""
     try:  # header only (the source was decoded, within the pixel limit, by the join)
         with open_image(io.BytesIO(item.data)) as image:
             keep = (image.format in ("JPEG", "PNG") and image.mode == "RGB"
+                    and "transparency" not in image.info  # tRNS: composited on white
                     and image.getexif().get(0x0112, 1) == 1)
             fmt = image.format.lower()
     except Exception:  # noqa: BLE001 - re-encode whatever Pillow reads oddly
@@ -269,7 +264,7 @@ def export_hf(labels_uri: str, out_uri: str, options: ExportOptions) -> ExportSu
     summary = ExportSummary("hf", out_uri)
     fs, files = label_files(labels_uri, options.storage_options)
     progress = _progress(files, fs, options, "hf")
-    join = SourceJoin(_run_io(labels_uri, options.storage_options), options.storage_options)
+    join = SourceJoin(run_io(labels_uri, options.storage_options), options.storage_options)
     schema = _hf_schema(provenance)
     for path in files:
         name = posixpath.basename(path).rsplit(".", 1)[0]

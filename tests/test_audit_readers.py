@@ -215,7 +215,10 @@ def test_load_source_image_from_file_and_tar(tmp_path):
     with tarfile.open(tmp_path / "shard.tar", "w") as tar:
         tar.add(tmp_path / "img.png", arcname="inner/img.png")
     np.testing.assert_array_equal(load_source_image(str(tmp_path / "img.png"), None), pixels)
-    from_tar = load_source_image(str(tmp_path / "shard.tar"), "inner/img.png")
+    # the key as the labeling job writes it: the member name without its extension
+    from_tar = load_source_image(str(tmp_path / "shard.tar"), "inner/img",
+                                 image_id="shard/inner/img")
     np.testing.assert_array_equal(from_tar, pixels)
     assert load_source_image(str(tmp_path / "missing.png"), None) is None
-    assert load_source_image(str(tmp_path / "shard.tar"), "absent.png") is None
+    assert load_source_image(str(tmp_path / "shard.tar"), "inner/img.png",
+                             image_id="shard/inner/img.png") is None  # a member name, no key

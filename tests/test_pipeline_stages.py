@@ -356,8 +356,6 @@ def test_undecodable_names_and_odd_decoder_failures_are_rows_not_failed_shards(
         tmp_path, vocab_file, monkeypatch):
     import struct
 
-    import pipeline.decode
-
     good = encode(photo("coffee", 40))
     (tmp_path / "in").mkdir()
     raw = lambda name: name.decode("utf-8", "surrogateescape")  # noqa: E731
@@ -382,7 +380,7 @@ def test_undecodable_names_and_odd_decoder_failures_are_rows_not_failed_shards(
     def broken_exif(image):
         raise struct.error("unpack requires a buffer of 4 bytes")
 
-    monkeypatch.setattr(pipeline.decode.ImageOps, "exif_transpose", broken_exif)
+    monkeypatch.setattr("cass_engine.images.ImageOps.exif_transpose", broken_exif)
     decoded = decode_image(good, LIMIT)
     assert decoded.status == "decode_error" and "unpack requires" in decoded.error
 

@@ -618,8 +618,9 @@ def test_missing_weights_url_is_one_line(s3_server, s3_bucket, tmp_path, capsys,
 
 
 def test_ground_truth_masks_use_the_decoder_allow_list(fake_ghostscript):
+    from cass_engine.images import decode_rgb
     from pipeline.audit.errors import AuditError
-    from pipeline.audit.sources import decode_label_png, decode_rgb
+    from pipeline.audit.sources import decode_label_png
 
     with pytest.raises(AuditError, match="EPS"):
         decode_label_png(_eps_bytes(), "mask a.png")

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pipeline.source_images import run_io
 from schemas.confidence import decode_levels
 from schemas.io import output_provenance
 from schemas.uris import public_text, public_uri
@@ -262,8 +263,10 @@ def run_audit(config: AuditConfig) -> AuditOutcome:
     metrics = build_metrics(result, counts, sources, config.fail_under)
     options = config.storage_options
 
+    io = run_io(config.labels, options)  # how the sources were read (Parquet columns)
+
     def load_image(ref: ImageRef):
-        return load_source_image(ref.source_uri, ref.key, options)
+        return load_source_image(ref.source_uri, ref.key, options, ref.image_id, io)
 
     files = write_report(config.report_dir, result, metrics, lists, load_image, options)
     if calibrations:

@@ -41,7 +41,7 @@ from .errors import AuditError
 from .evaluator import EvaluationResult, Evaluator
 from .gt_masks import reduce_zero_label, to_internal
 from .progress_line import ProgressLine
-from .sources import decode_label_png, decode_rgb
+from .sources import decode_label_png
 from .worst import ImageRef
 
 SegmentFn = Callable[[list[np.ndarray]], list[np.ndarray]]
@@ -248,10 +248,12 @@ def list_samples(spec: BenchmarkSpec, data_root: str | Path,
 
 
 def load_image(sample: BenchmarkSample) -> np.ndarray:
-    """``[H, W, 3]`` uint8 RGB."""
+    """``[H, W, 3]`` uint8 RGB (the one image rule, :func:`cass_engine.images.decode_rgb`)."""
+    from cass_engine.images import decode_rgb
+
     try:
         return decode_rgb(sample.image_path.read_bytes())
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise AuditError(f"cannot read image {sample.image_path}: {error}") from None
 
 

@@ -1,11 +1,11 @@
-"""Small fsspec helpers shared by the readers: open URIs, read text/JSON/images, name aliases."""
+"""Small fsspec helpers shared by the readers: open URIs, read text/JSON/label PNGs, source
+images (through :mod:`pipeline.source_images`), name aliases."""
 
 from __future__ import annotations
 
 import io
 import json
 import posixpath
-import tarfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,37 +74,35 @@ def decode_label_png(data: bytes, where: str) -> np.ndarray:
         raise AuditError(f"{where}: not a readable image ({error})") from None
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Image bytes -> ``[H, W, 3]`` uint8 RGB (JPEG, PNG, WebP, GIF, TIFF, BMP only)."""
-    from cass_engine.formats import open_image
-
-    with open_image(io.BytesIO(data)) as image:
-        return np.array(image.convert("RGB"))
-
-
 def load_source_image(source_uri: str | None, key: str | None,
-                      storage_options: Mapping | None = None) -> np.ndarray | None:
-    """Best effort: the RGB image of a labels row, from an image file or a tar shard member.
+                      storage_options: Mapping | None = None, image_id: str | None = None,
+                      source_io: Mapping | None = None) -> np.ndarray | None:
+    """Best effort: the RGB image of a labels row, read and decoded as the labeling job did
+    (:class:`pipeline.source_images.SourceReader`: tar members and Parquet rows matched on
+    the row's ``image_id``; image files read whole).
 
-    Returns ``None`` when it cannot be read (the report then shows masks only).
+    Args:
+        source_uri, key, image_id: the row's columns (``image_id`` is needed for tar and
+            Parquet sources; it names the shard and the item).
+        source_io: the run record's ``io`` block (Parquet columns, ``max_image_pixels``).
+
+    Returns:
+        ``[H, W, 3]`` uint8, or ``None`` when it cannot be read (the report then shows masks
+        only).
     """
+    from pipeline.source_images import DEFAULT_MAX_PIXELS, SourceReader, SourceRef, decode_source
+
     if not source_uri:
         return None
+    source_io = dict(source_io or {})
+    ref = SourceRef(image_id or key or "", source_uri, key or "")
     try:
-        data = read_bytes(source_uri, storage_options, "source image")
-        if tarfile.is_tarfile(io.BytesIO(data)) and key:
-            data = _tar_member(data, key)
-        return decode_rgb(data)
+        data = SourceReader(source_io, storage_options).read(ref)
+        rgb = data if isinstance(data, str) else decode_source(
+            data, source_io.get("max_image_pixels") or DEFAULT_MAX_PIXELS)
     except Exception:  # noqa: BLE001 - overlays are optional; any failure means "no image"
         return None
-
-
-def _tar_member(data: bytes, key: str) -> bytes:
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        member = tar.extractfile(key)
-        if member is None:
-            raise KeyError(key)
-        return member.read()
+    return None if isinstance(rgb, str) else rgb
 
 
 def strip_suffix(name: str) -> str:

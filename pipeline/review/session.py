@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 
 from pipeline.audit.predictions import open_labels
 from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS
+from pipeline.source_images import SourceRef, read_sources
 from schemas.io import iter_label_rows, open_output, output_provenance, read_run_record
 from schemas.uris import public_uri
 
 from .client import LabelStudioClient, LabelStudioError
-from .images import SourceRef, data_uri, load_images
+from .images import data_uri
 from .ranking import RANKINGS, ROW_COLUMNS, Ranked, top_k
 from .sheet import decode_photo, overlay_png, render_sheet
 from .tasks import ID_KEY, build_task, labeling_config
@@ -115,8 +116,7 @@ def reviewed_ids(record: Mapping) -> set[str]:
 def _image_refs(items: list[Ranked], config: ReviewConfig, io: Mapping) -> tuple[dict, dict]:
     refs = [SourceRef(i.image_id, str(i.row["source_uri"]), str(i.row["key"]),
                       str(i.row.get("shard_id") or "")) for i in items]
-    loaded = load_images(refs, config.storage_options,
-                         (io.get("image_column") or "image", io.get("id_column")))
+    loaded = read_sources(refs, config.storage_options, io)
     max_pixels = int(io.get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS)
     chosen, missing = {}, {}
     for ref in refs:
