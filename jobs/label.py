@@ -24,11 +24,13 @@ from collections.abc import Sequence
 from pipeline.config import (
     ComputeConfig,
     ConfigError,
+    EngineSpec,
     IOConfig,
+    JobConfig,
+    OutputPolicy,
     storage_options_argument,
 )
-from pipeline.engine import EngineSpec
-from pipeline.plan import JobConfig, OutputPolicy, StartupError
+from pipeline.plan import StartupError
 from pipeline.record import TERMINATED, Terminated, is_termination
 from pipeline.stub import StubOptions
 from schemas.uris import public_text

@@ -22,10 +22,17 @@ from PIL import Image
 
 from cass_engine import CassConfig
 from pipeline import storage, writer
-from pipeline.config import ComputeConfig, ConfigError, IOConfig
+from pipeline.config import (
+    ComputeConfig,
+    ConfigError,
+    EngineSpec,
+    IOConfig,
+    JobConfig,
+    OutputPolicy,
+)
 from pipeline.decode import decode_image
-from pipeline.engine import EngineSpec, stage_weights
-from pipeline.plan import JobConfig, OutputPolicy, StartupError, plan_job
+from pipeline.engine import stage_weights
+from pipeline.plan import StartupError, plan_job
 from pipeline.readers import iter_raw_images, tar_key
 from pipeline.record import OutputConflict, check_compatible
 from pipeline.shards import InputError, ShardSpec, list_shards, safe_shard_id
@@ -466,8 +473,8 @@ def test_plan_fails_fast_with_clear_messages(tmp_path, vocab_file):
     with pytest.raises(StartupError, match="does not exist"):
         _plan(_job(tmp_path, vocab_file))
     _write_images(tmp_path / "in", ["a.png"])
-    with pytest.raises(StartupError, match="vocabulary"):
-        _plan(_job(tmp_path, tmp_path / "no-such-vocab.txt"))
+    with pytest.raises(ConfigError, match="vocabulary"):  # parsed with the engine spec
+        _job(tmp_path, tmp_path / "no-such-vocab.txt")
     pq.write_table(pa.table({"x": [b"1"]}), tmp_path / "in" / "a.parquet")
     with pytest.raises(StartupError, match="column 'image'"):
         _plan(_job(tmp_path, vocab_file, input_format="parquet"))
