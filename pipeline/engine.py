@@ -35,7 +35,7 @@ def choose_device(requested: str, gpu_ids: list) -> str:
 def build_engine(spec: EngineSpec, device: str) -> Any:
     """Build the segmenter described by ``spec`` on ``device`` (inside an actor)."""
     if spec.stub is not None:
-        return StubSegmenter(spec.config, spec.stub)
+        return StubSegmenter(spec.config, spec.stub, spec.vocabulary)
 
     from cass_engine import build_segmenter
     from cass_engine.weights import WeightsError

@@ -123,6 +123,20 @@ def test_worker_uses_the_shipped_vocabulary_not_the_file(tmp_path):
     assert embeddings.vocabulary.content_hash() == spec.vocabulary_hash
 
 
+def test_stub_worker_labels_without_the_file_even_before_set_vocabulary(tmp_path):
+    images = _inputs(tmp_path, 2)
+    vocab = write_vocabulary(tmp_path / "vocab.txt", CLASSES)
+    job = _job(tmp_path, vocab)
+    plan = plan_job(job)
+    vocab.unlink()
+    worker = LabelWorker(WorkerSpec(job.engine, job.io, job.compute, plan.fingerprint,
+                                    plan.file_metadata({})))
+    for shard in plan.todo:  # no compute_text_embeddings/prepare: the stub's lazy default
+        worker.process_shard(shard)
+    plan.release()
+    _assert_labelled_with(tmp_path / "out", images, len(CLASSES))
+
+
 def test_worker_refuses_a_vocabulary_that_does_not_match_its_hash(tmp_path):
     _inputs(tmp_path, 1)
     vocab = write_vocabulary(tmp_path / "vocab.txt", CLASSES)
