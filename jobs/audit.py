@@ -37,9 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Label Studio JSON export (required unless --label-studio-url)")
     p.add_argument("--gt-format", choices=GT_FORMATS, default=None,
                    help="ground-truth format (default: detected from the URI)")
-    p.add_argument("--category-map", default=None, metavar="JSON|FILE",
-                   help="JSON object {vocabulary class: gt category name | id | null}, inline "
-                   "or in a file (path or URL) (default: classes matched by name)")
+    p.add_argument("--category-map", default=None,
+                   help="JSON object {vocabulary class: gt category name | id | null}")
     p.add_argument("--report", required=True, help="report directory (any fsspec URI)")
     p.add_argument("--fail-under", type=float, default=None, metavar="MIOU",
                    help="exit with status 1 when mIoU (percent) is below this")

@@ -20,7 +20,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from pipeline.config import dataclass_default, storage_options_argument
+from jobs.help_text import field_defaults
+from pipeline.config import storage_options_argument
 from pipeline.exports import (
     EXPORT_FORMATS,
     ExportError,
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage-options", type=storage_options_argument,
                         metavar="JSON|@FILE", help="fsspec options for every URI: a JSON "
                         "object, or @FILE naming a file that holds one (default: "
-                        f"{dataclass_default(ExportOptions, 'storage_options')})")
+                        f"{field_defaults(ExportOptions)['storage_options']})")
     parser.add_argument("--no-progress", action="store_true", default=None,
                         help="no progress line (default: a progress line on stderr)")
     return parser

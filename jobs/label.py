@@ -21,7 +21,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from cass_engine.config import DEFAULT_PRESET, PRESETS
+from cass_engine.config import DEFAULT_PRESET, PRESETS, CassConfig
+from jobs.help_text import field_defaults, given
 from pipeline.config import (
     ComputeConfig,
     ConfigError,
@@ -29,8 +30,6 @@ from pipeline.config import (
     IOConfig,
     JobConfig,
     OutputPolicy,
-    dataclass_default,
-    given,
     storage_options_argument,
 )
 from pipeline.plan import StartupError
@@ -53,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _io_arguments(group: argparse._ArgumentGroup) -> None:
-    d = lambda name: dataclass_default(IOConfig, name)  # noqa: E731
+    d = field_defaults(IOConfig).__getitem__
     group.add_argument("--input", required=True, help="input URI: a prefix/directory, a glob "
                        "or one shard file (s3://, gs://, local path, memory://)")
     group.add_argument("--output", required=True, help="output URI prefix; gets run.json, "
@@ -84,7 +83,7 @@ def _io_arguments(group: argparse._ArgumentGroup) -> None:
                        help="replace an output labelled with another vocabulary, config, "
                        "input or weights; an output that matches is resumed, not replaced "
                        "(default: refuse)")
-    p = lambda name: dataclass_default(OutputPolicy, name)  # noqa: E731
+    p = field_defaults(OutputPolicy).__getitem__
     group.add_argument("--wait-for-lease", type=float, metavar="SECONDS",
                        help="when another run is writing the output, wait this long for it "
                        f"(default: {p('wait_for_lease_s'):g}: exit 2 at once, naming the other "
@@ -116,7 +115,7 @@ def _engine_arguments(group: argparse._ArgumentGroup) -> None:
                        help="seeded random weights instead of checkpoints (smoke runs only; "
                        "recorded in the output; default: off)")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"],
-                       help=f"engine device (default: {dataclass_default(EngineSpec, 'device')}: "
+                       help=f"engine device (default: {field_defaults(EngineSpec)['device']}: "
                        "the actor's GPU if it has one, else CPU)")
     group.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "auto"],
                        help="engine dtype (default: float32 on CPU, the faithful path; float16 "
@@ -127,7 +126,7 @@ def _engine_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def _compute_arguments(group: argparse._ArgumentGroup) -> None:
-    d = lambda name: dataclass_default(ComputeConfig, name)  # noqa: E731
+    d = field_defaults(ComputeConfig).__getitem__
     group.add_argument("--actors", type=int, help="engine actors (default: one per "
                        "--gpus-per-actor GPUs in the cluster, or 1 CPU actor without GPUs)")
     group.add_argument("--gpus-per-actor", type=float,
@@ -165,24 +164,24 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
         ConfigError, ValueError: invalid values.
     """
     io = IOConfig(local_path(args.input, "--input"), local_path(args.output, "--output"),
-                  **given(
+                  **given(dict(
         input_format=args.format, images_per_shard=args.images_per_shard,
         image_column=args.image_column, id_column=args.id_column,
         storage_options=args.storage_options, max_image_pixels=args.max_image_pixels,
-        limit=args.limit, overwrite=args.overwrite, confidence=args.confidence))
-    compute = ComputeConfig(**given(
+        limit=args.limit, overwrite=args.overwrite, confidence=args.confidence)))
+    compute = ComputeConfig(**given(dict(
         actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
         shards_per_actor=args.shards_per_actor, decode_threads=args.decode_threads,
         max_attempts=args.max_attempts, progress_interval_s=args.progress_interval,
-        startup_timeout_s=args.startup_timeout))
+        startup_timeout_s=args.startup_timeout)))
     if args.stall_timeout is not None:  # 0 disables the watchdog
         if args.stall_timeout < 0:
             raise ConfigError("--stall-timeout must be >= 0 (0 disables the watchdog)")
         compute = dataclasses.replace(compute, stall_timeout_s=args.stall_timeout or None)
-    policy = OutputPolicy(**given(
+    policy = OutputPolicy(**given(dict(
         wait_for_lease_s=args.wait_for_lease, lease_ttl_s=args.lease_ttl, verify=args.verify,
-        output_is_shared=args.output_is_shared))
+        output_is_shared=args.output_is_shared)))
     return JobConfig(io, compute, _engine_spec(args, io), policy)
 
 
@@ -220,15 +219,13 @@ def local_path(uri: str, option: str) -> str:
 
 
 def _engine_spec(args: argparse.Namespace, io: IOConfig) -> EngineSpec:
-    from cass_engine.config import CassConfig
-
     config = CassConfig.from_preset(args.preset or DEFAULT_PRESET,
-                                    **given(vocabulary_path=args.vocab))
-    return EngineSpec(config, **given(
+                                    **given({"vocabulary_path": args.vocab}))
+    return EngineSpec(config, **given(dict(
         clip_weights=args.clip_weights, dino_weights=args.dino_weights,
         random_weights=args.random_weights, device=args.device, dtype=args.dtype,
         storage_options=io.storage_options,
-        stub=StubOptions() if args.engine == "stub" else None))
+        stub=StubOptions() if args.engine == "stub" else None)))
 
 
 def init_ray(address: str | None = None) -> bool:

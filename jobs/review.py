@@ -18,8 +18,9 @@ import argparse
 import os
 import sys
 
+from jobs.help_text import field_defaults, given
 from pipeline.audit import AuditError
-from pipeline.config import dataclass_default, given, storage_options_argument
+from pipeline.config import storage_options_argument
 from pipeline.review import LabelStudioError, ReviewConfig, ReviewError, run_review
 from pipeline.review.ranking import RANKINGS
 from schemas.uris import public_text
@@ -31,7 +32,7 @@ TOKEN_ENV = "LABEL_STUDIO_API_KEY"
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface; flags default to None and take :class:`ReviewConfig`'s
     defaults, which their help texts state."""
-    d = lambda name: dataclass_default(ReviewConfig, name)  # noqa: E731
+    d = field_defaults(ReviewConfig).__getitem__
     p = argparse.ArgumentParser(prog="review", description=__doc__.split("\n\n")[0])
     p.add_argument("--labels", required=True, help="labeling output root (labels/ + run.json)")
     p.add_argument("--top", type=int, required=True, metavar="K", help="images to pick")
@@ -60,10 +61,10 @@ def config_from_args(args: argparse.Namespace) -> ReviewConfig:
     token = os.environ.get(TOKEN_ENV) if args.label_studio_url else None
     if args.label_studio_url and not token:
         raise ReviewError(f"--label-studio-url needs the API token in ${TOKEN_ENV}")
-    return ReviewConfig(args.labels, args.out, args.top, **given(
+    return ReviewConfig(args.labels, args.out, args.top, **given(dict(
         by=args.by, seed=args.seed, exclude_reviewed=args.exclude_reviewed,
         embed_images=args.embed_images, label_studio_url=args.label_studio_url,
-        project=args.project, token=token, storage_options=args.storage_options))
+        project=args.project, token=token, storage_options=args.storage_options)))
 
 
 def main(argv: list[str] | None = None) -> int:

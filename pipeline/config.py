@@ -15,7 +15,6 @@ them alike.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from argparse import ArgumentTypeError
@@ -245,29 +244,6 @@ class JobConfig:
     compute: ComputeConfig
     engine: EngineSpec
     policy: OutputPolicy = field(default_factory=OutputPolicy)
-
-
-def dataclass_default(cls: type, name: str) -> Any:
-    """The default of field ``name`` of dataclass ``cls`` (a job's flags default to None and
-    take this value, which their help texts state).
-
-    Raises:
-        KeyError: ``cls`` has no such field, or it has no default.
-    """
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            if f.default is not dataclasses.MISSING:
-                return f.default
-            if f.default_factory is not dataclasses.MISSING:
-                return f.default_factory()
-            break
-    raise KeyError(f"{cls.__name__}.{name} has no default")
-
-
-def given(**values: Any) -> dict:
-    """Only the options the user set (not None), so that dataclass defaults apply to the
-    rest: ``Config(**given(a=args.a, b=args.b))``."""
-    return {k: v for k, v in values.items() if v is not None}
 
 
 def storage_options_argument(text: str) -> dict:

@@ -11,13 +11,12 @@ import os
 import pytest
 
 from jobs import export, export_coco, label, review
+from jobs.help_text import field_defaults
 from pipeline.config import (
     ComputeConfig,
     EngineSpec,
     IOConfig,
     OutputPolicy,
-    dataclass_default,
-    given,
     storage_options_argument,
 )
 from pipeline.review import ReviewConfig
@@ -69,24 +68,16 @@ def test_label_job_without_flags_is_the_dataclass_defaults(vocab_file):
     assert job.engine == EngineSpec(job.engine.config)
     assert job.engine.stub is None  # --engine defaults to the real engine
     help_text = " ".join(label.build_parser().format_help().split())
-    assert f"(default: {dataclass_default(OutputPolicy, 'wait_for_lease_s'):g}:" in help_text
-    assert f"(default: {dataclass_default(EngineSpec, 'device')}:" in help_text
+    assert f"(default: {field_defaults(OutputPolicy)['wait_for_lease_s']:g}:" in help_text
+    assert f"(default: {field_defaults(EngineSpec)['device']}:" in help_text
 
 
 def test_review_job_without_flags_is_the_dataclass_defaults():
     config = review.config_from_args(review.build_parser().parse_args(REQUIRED[review]))
     assert config == ReviewConfig("l", "o", 3)
     help_text = " ".join(review.build_parser().format_help().split())
-    assert f"(default: {dataclass_default(ReviewConfig, 'by')})" in help_text
-    assert f"(default: {dataclass_default(ReviewConfig, 'seed')})" in help_text
+    assert f"(default: {field_defaults(ReviewConfig)['by']})" in help_text
+    assert f"(default: {field_defaults(ReviewConfig)['seed']})" in help_text
     chosen = review.config_from_args(review.build_parser().parse_args(
         [*REQUIRED[review], "--by", "random", "--seed", "7", "--embed-images"]))
     assert (chosen.by, chosen.seed, chosen.embed_images) == ("random", 7, True)
-
-
-def test_dataclass_default_and_given():
-    assert dataclass_default(ComputeConfig, "batch_size") == ComputeConfig().batch_size
-    assert dataclass_default(IOConfig, "storage_options") == {}  # a factory's value
-    with pytest.raises(KeyError):
-        dataclass_default(IOConfig, "input_uri")  # required: no default
-    assert given(a=None, b=0, c=False) == {"b": 0, "c": False}
