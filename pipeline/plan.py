@@ -1,8 +1,11 @@
-"""Everything checked before any engine work: vocabulary, input listing, output state.
+"""Everything checked before any engine work: input listing, output state.
 
-:func:`plan_job` fails fast (clear message, no GPU touched) on an unreadable vocabulary, a
-missing input, rejected credentials, a missing Parquet image column, an output held by
-another run (its lease) or labelled with another configuration or input. Holding the lease,
+The vocabulary was parsed once, with the job's :class:`~pipeline.config.EngineSpec` (an
+unreadable one is a ``ConfigError`` there); the plan's categories, vocabulary hash and
+fingerprint come from that parse, and the workers get the same one. :func:`plan_job` fails
+fast (clear message, no GPU touched) on a missing input, rejected credentials, a missing
+Parquet image column, an output held by another run (its lease) or labelled with another
+configuration or input. Holding the lease,
 it verifies the completion records (a record whose labels object is missing, of another size
 or, with ``--verify``, other contents means the shard is redone), removes what will be
 redone and the labels objects no record names, and writes the ``running`` run record.
