@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from cass_engine.config import DEFAULT_PRESET, PRESETS, CassConfig
 from jobs.help_text import field_defaults, given
 from pipeline.config import (
+    INPUT_FORMATS,
     ComputeConfig,
     ConfigError,
     EngineSpec,
@@ -58,7 +59,7 @@ def _io_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--output", required=True, help="output URI prefix; gets run.json, "
                        "_lease.json while a run writes it, labels/<shard>.<run>-<n>.parquet "
                        "and _done/<shard>.json (names the table that is in the output)")
-    group.add_argument("--format", choices=["auto", "webdataset", "parquet", "images"],
+    group.add_argument("--format", choices=INPUT_FORMATS,
                        help=f"input shard format (default: {d('input_format')}: detect from "
                        "file extensions)")
     group.add_argument("--images-per-shard", type=int,
@@ -73,7 +74,7 @@ def _io_arguments(group: argparse._ArgumentGroup) -> None:
                        "URLs: @FILE reads them from a JSON file (keeps secrets off the command "
                        'line), e.g. {"endpoint_url": "http://127.0.0.1:8333", "key": "...", '
                        '"secret": "..."}; the AWS_* environment variables also work '
-                       "(default: {})")
+                       f"(default: {d('storage_options')})")
     group.add_argument("--max-image-pixels", type=int,
                        help="images with more pixels become 'too_large' error rows "
                        f"(default: {d('max_image_pixels')})")
