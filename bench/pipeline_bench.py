@@ -40,10 +40,9 @@ from pathlib import Path
 from PIL import Image
 
 from cass_engine import CassConfig
-from pipeline.config import ComputeConfig, IOConfig
+from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig
 from pipeline.decode import decode_image
-from pipeline.engine import EngineSpec, build_engine
-from pipeline.plan import JobConfig
+from pipeline.engine import build_engine, set_engine_vocabulary
 from pipeline.runner import run_job
 from pipeline.stub import StubOptions
 
@@ -243,7 +242,7 @@ def engine_alone(args, spec: EngineSpec, images: list[bytes]) -> tuple[float, fl
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.actors))
     engine = build_engine(spec, args.device)
-    engine.set_vocabulary(None)
+    set_engine_vocabulary(engine, spec)
     arrays = [decode_image(b, 10**9).rgb for b in images]
     engine.segment(arrays[:args.batch_size], return_logits=False, return_probs=False)  # warm-up
     started, cpu = time.monotonic(), time.process_time()

@@ -54,8 +54,7 @@ def write_tar(path: Path, size: int) -> None:
 def label_once(tar: str, out: str, mode: str) -> dict:
     """Label one shard in this process; returns images, seconds and peak RSS (bytes)."""
     from cass_engine import CassConfig
-    from pipeline.config import ComputeConfig, IOConfig
-    from pipeline.engine import EngineSpec
+    from pipeline.config import ComputeConfig, EngineSpec, IOConfig
     from pipeline.shards import list_shards
     from pipeline.stub import StubOptions
     from pipeline.worker import LabelWorker, WorkerSpec

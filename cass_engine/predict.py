@@ -1,8 +1,9 @@
 """Single-image command line: segment one image and save the arrays (and an overlay).
 
-    python -m cass_engine.predict --image photo.jpg --preset coco_stuff --out result.npz \\
-        [--vocab my_classes.txt] [--clip-weights ViT-B-16.pt --dino-weights dino.pth |
-        --random-weights SEED] [--device cpu|cuda] [--dtype float32|bfloat16|float16|auto]
+    python -m cass_engine.predict --image photo.jpg --out result.npz \\
+        [--preset coco_stuff (the default)] [--vocab my_classes.txt]
+        [--clip-weights ViT-B-16.pt --dino-weights dino.pth | --random-weights SEED]
+        [--device cpu|cuda] [--dtype float32|bfloat16|float16|auto]
         [--short-side N] [--overlay overlay.png] [--save-probs] [--save-logits]
 
 Writes a compressed .npz with ``labels`` [H, W] int32, ``presence`` [C], ``prior`` [C],
@@ -26,45 +27,56 @@ import numpy as np
 
 from .config import DEFAULT_PRESET, PRESETS, CassConfig
 from .images import ImageInputError, load_image
-from .vocabulary import VocabularyError, load_vocabulary
+from .vocabulary import VocabularyError
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every optional flag's help states its default."""
     p = argparse.ArgumentParser(prog="python -m cass_engine.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", required=True, help="input image file")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help=f"hyperparameters (and vocabulary unless --vocab); default "
-                        f"{DEFAULT_PRESET}'s numbers")
+                   help="hyperparameters (and vocabulary unless --vocab), as the labeling "
+                        f"job's --preset (default: {DEFAULT_PRESET})")
     p.add_argument("--vocab", default=None,
-                   help="vocabulary file: one class per line, synonyms separated by ', '")
+                   help="vocabulary file: one class per line, synonyms separated by ', ' "
+                        "(default: the preset's bundled vocabulary)")
     p.add_argument("--clip-weights", default=None,
-                   help="CLIP ViT-B/16 weights (OpenAI .pt, open_clip or state dict; path or URL)")
+                   help="CLIP ViT-B/16 weights (OpenAI .pt, open_clip or state dict; path or "
+                        "URL; default: official weights from the hub)")
     p.add_argument("--dino-weights", default=None,
-                   help="DINO ViT-B/8 weights (dino_vitbase8_pretrain.pth or timm; path or URL)")
+                   help="DINO ViT-B/8 weights (dino_vitbase8_pretrain.pth or timm; path or "
+                        "URL; default: official weights from the hub)")
     p.add_argument("--random-weights", type=int, default=None, metavar="SEED",
-                   help="seeded random weights (smoke tests only; recorded in the output)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+                   help="seeded random weights (smoke tests only; recorded in the output; "
+                        "default: off)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
                    help="backbone precision (default: float32 on CPU, float16 on GPU)")
-    p.add_argument("--short-side", type=int, default=None, help="override the resize target")
+    p.add_argument("--short-side", type=int, default=None,
+                   help="override the resize target (default: the preset's)")
     p.add_argument("--save-probs", action="store_true",
-                   help="also store the [C, H, W] class probabilities (large)")
+                   help="also store the [C, H, W] class probabilities (large; default: off)")
     p.add_argument("--save-logits", action="store_true",
-                   help="also store the [Q, H, W] query logits (large)")
+                   help="also store the [Q, H, W] query logits (large; default: off)")
     p.add_argument("--out", required=True, help="output .npz file")
-    p.add_argument("--overlay", default=None, help="also save a PNG with the label map")
-    return p.parse_args(argv)
+    p.add_argument("--overlay", default=None,
+                   help="also save a PNG with the label map (default: none)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (``sys.argv`` when ``argv`` is None)."""
+    return build_parser().parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> CassConfig:
-    """Preset (or the default preset) with the user's vocabulary and overrides."""
-    if args.preset is None and args.vocab is None:
-        raise ValueError("give --preset, --vocab or both")
+    """The named preset (default :data:`DEFAULT_PRESET`, as the labeling job) with the user's
+    vocabulary file and overrides. Reads no file."""
     overrides: dict = {}
     if args.vocab is not None:
         overrides["vocabulary_path"] = args.vocab
-        load_vocabulary(args.vocab)  # fail early with a clear message
     if args.short_side is not None:
         overrides["short_side"] = args.short_side
     return CassConfig.from_preset(args.preset or DEFAULT_PRESET, **overrides)
@@ -78,11 +90,12 @@ def run(args: argparse.Namespace) -> Path:
 
     image = load_image(args.image)
     config = build_config(args)
+    vocabulary = config.load_vocabulary()  # parsed once; fails before the weights load
     t0 = time.perf_counter()
     seg = build_segmenter(config, clip_weights=args.clip_weights, dino_weights=args.dino_weights,
                           random_weights=args.random_weights, device=torch.device(args.device),
                           dtype=args.dtype)
-    vocab = seg.set_vocabulary()
+    vocab = seg.set_vocabulary(vocabulary)
     t1 = time.perf_counter()
     result = seg.segment([image], return_logits=args.save_logits,
                          return_probs=args.save_probs)[0]

@@ -3,7 +3,7 @@
 Usage::
 
     python jobs/audit.py --labels OUTPUT --ground-truth URI [--gt-format coco|masks|parquet]
-        [--category-map FILE] --report DIR [--fail-under MIOU] [--calibrate-precision P]
+        [--category-map JSON|FILE] --report DIR [--fail-under MIOU] [--calibrate-precision P]
     python jobs/audit.py --labels OUTPUT --gt-format labelstudio --ground-truth EXPORT.json ...
     python jobs/audit.py --labels OUTPUT --label-studio-url URL --project NAME_OR_ID ...
 
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt-format", choices=GT_FORMATS, default=None,
                    help=f"ground-truth format {_default('gt_format', 'detected from the URI')}")
     p.add_argument("--category-map", default=None,
-                   help="JSON object {vocabulary class: gt category name | id | null} "
+                   help="JSON object {vocabulary class: gt category name | id | null}, inline "
+                   "or in a file (path or URL) "
                    + _default("category_map", "classes matched by name and synonyms"))
     p.add_argument("--report", dest="report_dir", metavar="DIR", required=True,
                    help="report directory (any fsspec URI)")

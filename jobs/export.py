@@ -20,6 +20,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from jobs.help_text import field_defaults
 from pipeline.config import storage_options_argument
 from pipeline.exports import (
     EXPORT_FORMATS,
@@ -40,19 +41,24 @@ EXIT_INPUT_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line; optional flags default to None (help texts state the defaults)."""
     parser = argparse.ArgumentParser(prog="export.py", description=__doc__.split("\n")[0])
     parser.add_argument("--labels", required=True, help="labeling output URI (has run.json)")
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     parser.add_argument("--out", required=True, help="export directory (new or empty; any URI)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--ignore-below", type=float, default=None, metavar="T",
-                       help="pixels whose confidence is below T become 255 (png, hf)")
-    group.add_argument("--thresholds", default=None, metavar="FILE",
+    group.add_argument("--ignore-below", type=float, metavar="T",
+                       help="pixels whose confidence is below T become 255 (png, hf; "
+                       "default: none, every pixel keeps its class)")
+    group.add_argument("--thresholds", metavar="FILE",
                        help="per-class thresholds (thresholds.json of jobs/audit.py "
-                       "--calibrate-precision)")
-    parser.add_argument("--storage-options", type=storage_options_argument, default=None,
-                        metavar="JSON", help="fsspec options for every URI (default: {})")
-    parser.add_argument("--no-progress", action="store_true", help="no progress line")
+                       "--calibrate-precision; default: none)")
+    parser.add_argument("--storage-options", type=storage_options_argument,
+                        metavar="JSON|@FILE", help="fsspec options for every URI: a JSON "
+                        "object, or @FILE naming a file that holds one (default: "
+                        f"{field_defaults(ExportOptions)['storage_options']})")
+    parser.add_argument("--no-progress", action="store_true", default=None,
+                        help="no progress line (default: a progress line on stderr)")
     return parser
 
 

@@ -27,9 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="export_coco.py", description=__doc__.split("\n")[0])
     parser.add_argument("--labels", required=True, help="labeling output URI (has run.json)")
     parser.add_argument("--out", required=True, help="COCO JSON file to write (path or URI)")
-    parser.add_argument("--storage-options", type=storage_options_argument, default=None,
-                        metavar="JSON",
-                        help="fsspec options for the output and --out (default: {})")
+    parser.add_argument("--storage-options", type=storage_options_argument,
+                        metavar="JSON|@FILE",
+                        help="fsspec options for the output and --out: a JSON object, or "
+                        "@FILE naming a file that holds one (default: {})")
     return parser
 
 

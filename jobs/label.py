@@ -21,28 +21,24 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from cass_engine.config import DEFAULT_PRESET, PRESETS, CassConfig
+from jobs.help_text import field_defaults, given
 from pipeline.config import (
+    INPUT_FORMATS,
     ComputeConfig,
     ConfigError,
+    EngineSpec,
     IOConfig,
+    JobConfig,
+    OutputPolicy,
     storage_options_argument,
 )
-from pipeline.engine import EngineSpec
-from pipeline.plan import JobConfig, OutputPolicy, StartupError
+from pipeline.plan import StartupError
 from pipeline.record import TERMINATED, Terminated, is_termination
 from pipeline.stub import StubOptions
 from schemas.uris import public_text
 
 EXIT_BAD_CONFIG = 2
-
-
-def _default(cls: type, name: str) -> object:
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            if f.default is not dataclasses.MISSING:
-                return f.default
-            return f.default_factory()  # type: ignore[misc]
-    raise KeyError(name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,13 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _io_arguments(group: argparse._ArgumentGroup) -> None:
-    d = lambda name: _default(IOConfig, name)  # noqa: E731
+    d = field_defaults(IOConfig).__getitem__
     group.add_argument("--input", required=True, help="input URI: a prefix/directory, a glob "
                        "or one shard file (s3://, gs://, local path, memory://)")
     group.add_argument("--output", required=True, help="output URI prefix; gets run.json, "
                        "_lease.json while a run writes it, labels/<shard>.<run>-<n>.parquet "
                        "and _done/<shard>.json (names the table that is in the output)")
-    group.add_argument("--format", choices=["auto", "webdataset", "parquet", "images"],
+    group.add_argument("--format", choices=INPUT_FORMATS,
                        help=f"input shard format (default: {d('input_format')}: detect from "
                        "file extensions)")
     group.add_argument("--images-per-shard", type=int,
@@ -78,7 +74,7 @@ def _io_arguments(group: argparse._ArgumentGroup) -> None:
                        "URLs: @FILE reads them from a JSON file (keeps secrets off the command "
                        'line), e.g. {"endpoint_url": "http://127.0.0.1:8333", "key": "...", '
                        '"secret": "..."}; the AWS_* environment variables also work '
-                       "(default: {})")
+                       f"(default: {d('storage_options')})")
     group.add_argument("--max-image-pixels", type=int,
                        help="images with more pixels become 'too_large' error rows "
                        f"(default: {d('max_image_pixels')})")
@@ -88,10 +84,11 @@ def _io_arguments(group: argparse._ArgumentGroup) -> None:
                        help="replace an output labelled with another vocabulary, config, "
                        "input or weights; an output that matches is resumed, not replaced "
                        "(default: refuse)")
-    p = lambda name: _default(OutputPolicy, name)  # noqa: E731
+    p = field_defaults(OutputPolicy).__getitem__
     group.add_argument("--wait-for-lease", type=float, metavar="SECONDS",
                        help="when another run is writing the output, wait this long for it "
-                       "(default: 0: exit 2 at once, naming the other run)")
+                       f"(default: {p('wait_for_lease_s'):g}: exit 2 at once, naming the other "
+                       "run)")
     group.add_argument("--lease-ttl", type=float, metavar="SECONDS",
                        help="the output's lease expires this long after its last renewal; "
                        f"another run takes an expired lease over (default: {p('lease_ttl_s'):g})")
@@ -109,7 +106,8 @@ def _io_arguments(group: argparse._ArgumentGroup) -> None:
 def _engine_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--vocab", help="vocabulary file: one class per line, synonyms "
                        "separated by ', ' (default: the preset's bundled vocabulary)")
-    group.add_argument("--preset", help="CASS hyperparameter preset (default: coco_stuff)")
+    group.add_argument("--preset", choices=sorted(PRESETS),
+                       help=f"CASS hyperparameter preset (default: {DEFAULT_PRESET})")
     group.add_argument("--clip-weights", help="OpenAI CLIP ViT-B/16 checkpoint, path or URL "
                        "(staged once per node; default: official weights from the hub)")
     group.add_argument("--dino-weights", help="DINO ViT-B/8 checkpoint, path or URL "
@@ -118,18 +116,18 @@ def _engine_arguments(group: argparse._ArgumentGroup) -> None:
                        help="seeded random weights instead of checkpoints (smoke runs only; "
                        "recorded in the output; default: off)")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"],
-                       help=f"engine device (default: {_default(EngineSpec, 'device')}: the "
-                       "actor's GPU if it has one, else CPU)")
+                       help=f"engine device (default: {field_defaults(EngineSpec)['device']}: "
+                       "the actor's GPU if it has one, else CPU)")
     group.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "auto"],
                        help="engine dtype (default: float32 on CPU, the faithful path; float16 "
                        "on GPU); auto: bfloat16 on CPUs with native bf16, float16 on GPUs")
-    group.add_argument("--engine", choices=["cass", "stub"], default="cass",
+    group.add_argument("--engine", choices=["cass", "stub"],
                        help="'stub' is a fast fake engine for pipeline smoke tests "
                        "(default: cass)")
 
 
 def _compute_arguments(group: argparse._ArgumentGroup) -> None:
-    d = lambda name: _default(ComputeConfig, name)  # noqa: E731
+    d = field_defaults(ComputeConfig).__getitem__
     group.add_argument("--actors", type=int, help="engine actors (default: one per "
                        "--gpus-per-actor GPUs in the cluster, or 1 CPU actor without GPUs)")
     group.add_argument("--gpus-per-actor", type=float,
@@ -160,11 +158,6 @@ def _compute_arguments(group: argparse._ArgumentGroup) -> None:
                        f"(default: {d('progress_interval_s')})")
 
 
-def _given(**values: object) -> dict:
-    """Only the options the user set (so dataclass defaults apply to the rest)."""
-    return {k: v for k, v in values.items() if v is not None}
-
-
 def job_from_args(args: argparse.Namespace) -> JobConfig:
     """Typed job configuration from parsed arguments.
 
@@ -172,24 +165,24 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
         ConfigError, ValueError: invalid values.
     """
     io = IOConfig(local_path(args.input, "--input"), local_path(args.output, "--output"),
-                  **_given(
+                  **given(dict(
         input_format=args.format, images_per_shard=args.images_per_shard,
         image_column=args.image_column, id_column=args.id_column,
         storage_options=args.storage_options, max_image_pixels=args.max_image_pixels,
-        limit=args.limit, overwrite=args.overwrite, confidence=args.confidence))
-    compute = ComputeConfig(**_given(
+        limit=args.limit, overwrite=args.overwrite, confidence=args.confidence)))
+    compute = ComputeConfig(**given(dict(
         actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
         shards_per_actor=args.shards_per_actor, decode_threads=args.decode_threads,
         max_attempts=args.max_attempts, progress_interval_s=args.progress_interval,
-        startup_timeout_s=args.startup_timeout))
+        startup_timeout_s=args.startup_timeout)))
     if args.stall_timeout is not None:  # 0 disables the watchdog
         if args.stall_timeout < 0:
             raise ConfigError("--stall-timeout must be >= 0 (0 disables the watchdog)")
         compute = dataclasses.replace(compute, stall_timeout_s=args.stall_timeout or None)
-    policy = OutputPolicy(**_given(
+    policy = OutputPolicy(**given(dict(
         wait_for_lease_s=args.wait_for_lease, lease_ttl_s=args.lease_ttl, verify=args.verify,
-        output_is_shared=args.output_is_shared))
+        output_is_shared=args.output_is_shared)))
     return JobConfig(io, compute, _engine_spec(args, io), policy)
 
 
@@ -227,15 +220,13 @@ def local_path(uri: str, option: str) -> str:
 
 
 def _engine_spec(args: argparse.Namespace, io: IOConfig) -> EngineSpec:
-    from cass_engine.config import DEFAULT_PRESET, CassConfig
-
     config = CassConfig.from_preset(args.preset or DEFAULT_PRESET,
-                                    **_given(vocabulary_path=args.vocab))
-    return EngineSpec(config, **_given(
+                                    **given({"vocabulary_path": args.vocab}))
+    return EngineSpec(config, **given(dict(
         clip_weights=args.clip_weights, dino_weights=args.dino_weights,
         random_weights=args.random_weights, device=args.device, dtype=args.dtype,
         storage_options=io.storage_options,
-        stub=StubOptions() if args.engine == "stub" else None))
+        stub=StubOptions() if args.engine == "stub" else None)))
 
 
 def init_ray(address: str | None = None) -> bool:

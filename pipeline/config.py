@@ -1,10 +1,16 @@
 """Typed, frozen configuration of a labeling job. Defaults live here; the CLI only overrides.
 
-Three groups, validated on construction:
+Four groups, validated on construction (an invalid value raises :class:`ConfigError`):
 
 - :class:`IOConfig`: where images come from and where labels go.
 - :class:`ComputeConfig`: actors, GPUs, batch size, in-flight bounds, retries.
-- :class:`EngineSpec` (in :mod:`pipeline.engine`): a picklable recipe for the engine.
+- :class:`EngineSpec`: a picklable recipe for the engine, with the vocabulary parsed once
+  (on the driver) and its hash: workers never open the vocabulary file.
+- :class:`OutputPolicy`: leases, resume verification, shared local outputs.
+
+:class:`JobConfig` holds the four. The argparse types of ``--storage-options`` and the
+inline-JSON-or-location flags (``--category-map``) live here too, so that every job parses
+them alike.
 """
 
 from __future__ import annotations
@@ -14,15 +20,26 @@ import os
 from argparse import ArgumentTypeError
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from cass_engine.staging import check_weight_choice
+from cass_engine.vocabulary import Vocabulary
 from schemas.uris import public_uri, redact
+
+if TYPE_CHECKING:  # pragma: no cover - the stub's options are only type-annotated here
+    from .stub import StubOptions
 
 InputFormat = Literal["auto", "webdataset", "parquet", "images"]
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "images")
 
 #: Default decompression-bomb limit (pixels); about 64 megapixels (8000 x 8000).
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+
+#: Node-local directory for staged weights.
+
+#: Time to live of a run's lease on its output (seconds; renewed every quarter of it).
+DEFAULT_LEASE_TTL_S = 120.0
+
 
 @dataclass(frozen=True)
 class IOConfig:
@@ -131,6 +148,108 @@ class ComputeConfig:
                "stall_timeout_s must be > 0 (or None to disable)")
 
 
+@dataclass(frozen=True)
+class EngineSpec:
+    """How to build the engine, and the vocabulary it labels with.
+
+    The vocabulary is parsed once, when the spec is made (on the driver): ``vocabulary`` and
+    ``vocabulary_hash`` travel with the pickled spec, so workers never open the vocabulary
+    file (one edited since, another copy on another node or a path that exists only on the
+    head node changes nothing). ``dataclasses.replace`` parses the new config's vocabulary.
+
+    Attributes:
+        config: the engine's ``CassConfig`` (preset values, vocabulary file).
+        clip_weights, dino_weights: weight paths or URLs (staged once per node); None uses
+            the engine's default (official weights through the hubs).
+        random_weights: seed for random weights (smoke runs; recorded in the output).
+        device: ``auto`` (the actor's GPU if it has one, else CPU), ``cpu`` or ``cuda``.
+        dtype: engine dtype name (``float16``, ``bfloat16``, ``float32``, ``auto``) or None
+            for the engine's default (float32 on CPU, float16 on GPUs).
+        storage_options: fsspec options for weight URLs (never recorded).
+        stub: build the fast stub engine instead (tests, benchmarks).
+        cache_dir: the engine's cache root on each node (staged weights in ``weights/``,
+            text embeddings in ``text/``); None: ``$CASS_CACHE_DIR`` or
+            ``~/.cache/cass_engine`` of the worker.
+        vocabulary: the parsed vocabulary (set on construction from ``config``).
+        vocabulary_hash: its ``content_hash()``, recorded in the run record and checked by
+            every worker against what it uses.
+    """
+
+    config: Any
+    clip_weights: str | None = None
+    dino_weights: str | None = None
+    random_weights: int | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    storage_options: Mapping = field(default_factory=dict)
+    stub: StubOptions | None = None
+    cache_dir: str | None = None
+    vocabulary: Vocabulary = field(init=False, repr=False)
+    vocabulary_hash: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        try:
+            check_weight_choice(self.clip_weights, self.dino_weights, self.random_weights)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        _check(self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda")
+        _check(self.dtype in (None, "float32", "float16", "bfloat16", "auto"),
+               "dtype must be float32, float16, bfloat16 or auto")
+        try:
+            vocabulary = self.config.load_vocabulary()
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the vocabulary: {exc}") from None
+        object.__setattr__(self, "vocabulary", vocabulary)
+        object.__setattr__(self, "vocabulary_hash", vocabulary.content_hash())
+
+    def identity(self) -> dict:
+        """What determines the labels, as JSON (for run records and the resume check)."""
+        return {
+            "engine": "stub" if self.stub is not None else "cass",
+            "config": self.config.to_dict(),
+            "clip_weights": public_uri(self.clip_weights),
+            "dino_weights": public_uri(self.dino_weights),
+            "random_weights": self.random_weights,
+            "dtype": self.dtype,
+            "stub": self.stub.to_dict() if self.stub is not None else None,
+        }
+
+
+@dataclass(frozen=True)
+class OutputPolicy:
+    """How a run treats its output.
+
+    Attributes:
+        wait_for_lease_s: seconds to wait for another run's lease on the output (0: stop at
+            once with exit code 2, naming the holder).
+        lease_ttl_s: time to live of this run's lease (renewed every quarter of it); another
+            run takes an expired lease over.
+        verify: on resume, also compare every certified labels object's SHA-256 (else:
+            existence and size).
+        output_is_shared: the user vouches that a local output path is the same shared
+            storage on every node of a multi-node cluster.
+    """
+
+    wait_for_lease_s: float = 0.0
+    lease_ttl_s: float = DEFAULT_LEASE_TTL_S
+    verify: bool = False
+    output_is_shared: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.wait_for_lease_s >= 0 and self.lease_ttl_s > 0,
+               "wait_for_lease_s must be >= 0 and lease_ttl_s > 0")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A whole labeling job."""
+
+    io: IOConfig
+    compute: ComputeConfig
+    engine: EngineSpec
+    policy: OutputPolicy = field(default_factory=OutputPolicy)
+
+
 def storage_options_argument(text: str) -> dict:
     """argparse type of ``--storage-options``: a JSON object, or ``@FILE`` naming a file
     that holds one (so that secrets stay off the command line, ``ps`` and Ray's job table).
@@ -155,6 +274,12 @@ def storage_options_argument(text: str) -> dict:
     if not isinstance(value, dict):
         raise ArgumentTypeError("must be a JSON object, e.g. '{\"key\": \"...\"}'")
     return value
+
+
+def is_inline_json(text: str) -> bool:
+    """Whether a flag value that takes a location or inline JSON (``--category-map``) is
+    inline JSON: it starts with ``{`` (after blanks); anything else is a path or URL."""
+    return text.lstrip().startswith("{")
 
 
 class ConfigError(ValueError):

@@ -1,71 +1,20 @@
-"""A picklable recipe for the engine, built inside each actor on its own device.
+"""The engine, built inside each actor on its own device from a picklable recipe.
 
-The driver never loads model weights: it ships an :class:`EngineSpec` to the actors, the
-first actor computes the vocabulary's text embeddings once, and the others adopt them through
-the Ray object store (``set_vocabulary(text_embeddings=...)``).
+The driver never loads model weights: it ships a :class:`pipeline.config.EngineSpec` (with
+the vocabulary it parsed, and its hash) to the actors, the first actor computes the
+vocabulary's text embeddings once, and the others adopt them through the Ray object store.
+:func:`set_engine_vocabulary` checks on every worker that what it uses has the driver's hash.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
-from cass_engine.staging import check_weight_choice
-from schemas.uris import public_uri
-
-from .stub import StubOptions, StubSegmenter
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """How to build the engine.
-
-    Attributes:
-        config: the engine's ``CassConfig`` (preset values, vocabulary file).
-        clip_weights, dino_weights: weight paths or URLs (staged once per node); None uses
-            the engine's default (official weights through the hubs).
-        random_weights: seed for random weights (smoke runs; recorded in the output).
-        device: ``auto`` (the actor's GPU if it has one, else CPU), ``cpu`` or ``cuda``.
-        dtype: engine dtype name (``float16``, ``bfloat16``, ``float32``, ``auto``) or None
-            for the engine's default (float32 on CPU, float16 on GPUs).
-        storage_options: fsspec options for weight URLs (never recorded).
-        stub: build the fast stub engine instead (tests, benchmarks).
-        cache_dir: the engine's cache root on each node (staged weights in ``weights/``,
-            text embeddings in ``text/``); None: ``$CASS_CACHE_DIR`` or
-            ``~/.cache/cass_engine`` of the worker.
-    """
-
-    config: Any
-    clip_weights: str | None = None
-    dino_weights: str | None = None
-    random_weights: int | None = None
-    device: str = "auto"
-    dtype: str | None = None
-    storage_options: Mapping = field(default_factory=dict)
-    stub: StubOptions | None = None
-    cache_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        check_weight_choice(self.clip_weights, self.dino_weights, self.random_weights)
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError("device must be auto, cpu or cuda")
-        if self.dtype not in (None, "float32", "float16", "bfloat16", "auto"):
-            raise ValueError("dtype must be float32, float16, bfloat16 or auto")
-
-    def identity(self) -> dict:
-        """What determines the labels, as JSON (for run records and the resume check)."""
-        return {
-            "engine": "stub" if self.stub is not None else "cass",
-            "config": self.config.to_dict(),
-            "clip_weights": public_uri(self.clip_weights),
-            "dino_weights": public_uri(self.dino_weights),
-            "random_weights": self.random_weights,
-            "dtype": self.dtype,
-            "stub": self.stub.to_dict() if self.stub is not None else None,
-        }
+from .config import EngineSpec
+from .stub import StubSegmenter
 
 
 def choose_device(requested: str, gpu_ids: list) -> str:
@@ -80,7 +29,7 @@ def choose_device(requested: str, gpu_ids: list) -> str:
 def build_engine(spec: EngineSpec, device: str) -> Any:
     """Build the segmenter described by ``spec`` on ``device`` (inside an actor)."""
     if spec.stub is not None:
-        return StubSegmenter(spec.config, spec.stub)
+        return StubSegmenter(spec.config, spec.stub, spec.vocabulary)
 
     from cass_engine import build_segmenter
     from cass_engine.weights import WeightsError
@@ -95,6 +44,34 @@ def build_engine(spec: EngineSpec, device: str) -> Any:
             )
     except WeightsError as exc:  # its message says it all: no chained library tracebacks
         raise WeightsError(str(exc)) from None  # in the worker's log
+
+
+def set_engine_vocabulary(engine: Any, spec: EngineSpec, text_embeddings: Any = None) -> Any:
+    """Give ``engine`` the vocabulary the driver parsed: embed ``spec.vocabulary``, or adopt
+    ``text_embeddings`` computed by another worker. Never reads the vocabulary file.
+
+    Returns:
+        The text embeddings in use (picklable, to share with other workers).
+
+    Raises:
+        RuntimeError: the vocabulary received, the embeddings adopted or the engine's
+            vocabulary afterwards does not have the driver's ``spec.vocabulary_hash``.
+    """
+    if text_embeddings is None:
+        _check_vocabulary_hash(spec.vocabulary, spec, "the vocabulary this worker received")
+        text_embeddings = engine.set_vocabulary(spec.vocabulary)
+    else:
+        _check_vocabulary_hash(text_embeddings.vocabulary, spec, "the shared text embeddings")
+        engine.set_vocabulary(text_embeddings=text_embeddings)
+    _check_vocabulary_hash(engine.vocabulary, spec, "the engine's vocabulary")
+    return text_embeddings
+
+
+def _check_vocabulary_hash(vocabulary: Any, spec: EngineSpec, what: str) -> None:
+    got = vocabulary.content_hash()
+    if got != spec.vocabulary_hash:
+        raise RuntimeError(f"{what} has vocabulary hash {got[:12]}..., not the run's "
+                           f"{spec.vocabulary_hash[:12]}... (parsed by the driver)")
 
 
 @contextlib.contextmanager

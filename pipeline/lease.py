@@ -31,11 +31,10 @@ from .conditional import (
     read_object,
     replace_object,
 )
+from .config import DEFAULT_LEASE_TTL_S
 
 log = logging.getLogger(__name__)
 LEASE_NAME = "_lease.json"
-#: Default time to live of a lease (seconds); renewed every quarter of it.
-DEFAULT_TTL_S = 120.0
 
 
 class LeaseHeld(RuntimeError):
@@ -110,7 +109,8 @@ class Lease:
     """
 
     def __init__(self, fs: Any, root: str, run_id: str, started_at: str,
-                 ttl_s: float = DEFAULT_TTL_S, clock: Callable[[], float] = time.time) -> None:
+                 ttl_s: float = DEFAULT_LEASE_TTL_S,
+                 clock: Callable[[], float] = time.time) -> None:
         self.fs, self.path, self.run_id = fs, lease_path(root), run_id
         self.started_at, self.ttl_s, self.clock = started_at, ttl_s, clock
         self.token: str | None = None

@@ -1,8 +1,11 @@
-"""Everything checked before any engine work: vocabulary, input listing, output state.
+"""Everything checked before any engine work: input listing, output state.
 
-:func:`plan_job` fails fast (clear message, no GPU touched) on an unreadable vocabulary, a
-missing input, rejected credentials, a missing Parquet image column, an output held by
-another run (its lease) or labelled with another configuration or input. Holding the lease,
+The vocabulary was parsed once, with the job's :class:`~pipeline.config.EngineSpec` (an
+unreadable one is a ``ConfigError`` there); the plan's categories, vocabulary hash and
+fingerprint come from that parse, and the workers get the same one. :func:`plan_job` fails
+fast (clear message, no GPU touched) on a missing input, rejected credentials, a missing
+Parquet image column, an output held by another run (its lease) or labelled with another
+configuration or input. Holding the lease,
 it verifies the completion records (a record whose labels object is missing, of another size
 or, with ``--verify``, other contents means the shard is redone), removes what will be
 redone and the labels objects no record names, and writes the ``running`` run record.
@@ -15,7 +18,7 @@ import os
 import secrets
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from schemas import Category, categories_from_classes, run_metadata
@@ -24,9 +27,8 @@ from schemas.io import done_path
 from schemas.uris import public_uri
 
 from .conditional import honours_conditional_create
-from .config import ComputeConfig, IOConfig
-from .engine import EngineSpec
-from .lease import DEFAULT_TTL_S, Lease, LeaseHeld, check_holder
+from .config import IOConfig, JobConfig
+from .lease import Lease, LeaseHeld, check_holder
 from .readers import parquet_columns
 from .record import (
     HISTORY_LIMIT,
@@ -48,41 +50,6 @@ from .record import (
 )
 from .shards import IMAGE_GROUP_ID, InputError, ShardSpec, list_shards
 from .storage import filesystem, remove_object, retry
-
-
-@dataclass(frozen=True)
-class OutputPolicy:
-    """How a run treats its output.
-
-    Attributes:
-        wait_for_lease_s: seconds to wait for another run's lease on the output (0: stop at
-            once with exit code 2, naming the holder).
-        lease_ttl_s: time to live of this run's lease (renewed every quarter of it); another
-            run takes an expired lease over.
-        verify: on resume, also compare every certified labels object's SHA-256 (else:
-            existence and size).
-        output_is_shared: the user vouches that a local output path is the same shared
-            storage on every node of a multi-node cluster.
-    """
-
-    wait_for_lease_s: float = 0.0
-    lease_ttl_s: float = DEFAULT_TTL_S
-    verify: bool = False
-    output_is_shared: bool = False
-
-    def __post_init__(self) -> None:
-        if self.wait_for_lease_s < 0 or self.lease_ttl_s <= 0:
-            raise ValueError("wait_for_lease_s must be >= 0 and lease_ttl_s > 0")
-
-
-@dataclass(frozen=True)
-class JobConfig:
-    """A whole labeling job."""
-
-    io: IOConfig
-    compute: ComputeConfig
-    engine: EngineSpec
-    policy: OutputPolicy = field(default_factory=OutputPolicy)
 
 
 @dataclass
@@ -177,9 +144,9 @@ def plan_job(job: JobConfig) -> JobPlan:
         StartupError: with a message naming the problem and the remedy (the lease is
             released; a refused run changes nothing in the output).
     """
-    vocabulary = _load_vocabulary(job.engine)
+    vocabulary = job.engine.vocabulary  # parsed once, with the spec; workers get this one
     shards = _list_input(job.io)
-    identity = {**job.engine.identity(), "vocabulary_hash": vocabulary.content_hash(),
+    identity = {**job.engine.identity(), "vocabulary_hash": job.engine.vocabulary_hash,
                 "input": input_identity(job.io, shards[0].kind),
                 "confidence": bool(job.io.confidence)}  # which rows carry confidence maps
     fingerprint = fingerprint_of(identity)
@@ -240,13 +207,6 @@ def _plan_holding_lease(job: JobConfig, vocabulary: Any, shards: list[ShardSpec]
     todo = [s for s in shards if s.shard_id not in skipped]
     return JobPlan(job, shards, todo, skipped, categories, identity, fingerprint, same,
                    record, out_fs, out_root, lease.run_id, lease)
-
-
-def _load_vocabulary(engine: EngineSpec) -> Any:
-    try:
-        return engine.config.load_vocabulary()
-    except (OSError, ValueError) as exc:
-        raise StartupError(f"cannot read the vocabulary: {exc}") from exc
 
 
 def _list_input(io: IOConfig) -> list[ShardSpec]:

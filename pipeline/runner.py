@@ -42,6 +42,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 
 from schemas.uris import public_uri
 
+from .config import JobConfig
 from .outcome import (
     EXIT_BAD_CONFIG,
     EXIT_INCOMPLETE,
@@ -56,7 +57,7 @@ from .outcome import (
     exit_code_of,
     finish,
 )
-from .plan import JobConfig, JobPlan, StartupError, plan_job
+from .plan import JobPlan, StartupError, plan_job
 from .pool import WorkerPool, actor_resources, error_reason
 from .progress import Progress, emit_stderr
 from .shards import ShardSpec

@@ -90,10 +90,19 @@ class StubResult:
 class StubSegmenter:
     """Engine-compatible segmenter: ``set_vocabulary`` once, ``segment`` per batch."""
 
-    def __init__(self, config: Any, options: StubOptions) -> None:
+    def __init__(self, config: Any, options: StubOptions, vocabulary: Any = None) -> None:
+        """Build the stub (after ``options.startup_seconds``).
+
+        Args:
+            config: the engine's ``CassConfig``.
+            options: the stub's behaviour.
+            vocabulary: what ``set_vocabulary()`` without arguments uses (a worker's: the one
+                the driver parsed); None reads the config's file, as the engine does.
+        """
         time.sleep(options.startup_seconds)
         self.config = config
         self.options = options
+        self._default_vocabulary = vocabulary
         self._text: StubTextEmbeddings | None = None
         self._images_seen = 0
         # like the real engine's, a content hash the resume checks compare
@@ -109,7 +118,8 @@ class StubSegmenter:
     def set_vocabulary(self, vocabulary: Any = None, *,
                        text_embeddings: StubTextEmbeddings | None = None) -> StubTextEmbeddings:
         if text_embeddings is None:
-            vocabulary = vocabulary or self.config.load_vocabulary()
+            vocabulary = (vocabulary or self._default_vocabulary
+                          or self.config.load_vocabulary())
             text_embeddings = StubTextEmbeddings(vocabulary, vocabulary.content_hash())
         self._text = text_embeddings
         return text_embeddings

@@ -34,10 +34,10 @@ from typing import Any
 
 from PIL import Image
 
-from .config import ComputeConfig, IOConfig
+from .config import ComputeConfig, EngineSpec, IOConfig
 from .decode import DecodedImage, decode_image, max_encoded_bytes
 from .encode import failure_row, result_to_row
-from .engine import EngineSpec, build_engine, choose_device
+from .engine import build_engine, choose_device, set_engine_vocabulary
 from .lease import check_holder
 from .readers import RawImage, iter_raw_images
 from .record import weight_differences
@@ -129,14 +129,14 @@ class LabelWorker:
         }
 
     def compute_text_embeddings(self, as_bytes: bool = False) -> Any:
-        """Embed the configured vocabulary (done once per job, on one worker).
+        """Embed the vocabulary the driver parsed (done once per job, on one worker).
 
         Args:
             as_bytes: return them pickled, so that the driver can own a copy without
                 importing the engine (a copy that outlives this worker's node).
         """
         with self._lock:
-            embeddings = self.engine.set_vocabulary(None)
+            embeddings = set_engine_vocabulary(self.engine, self.spec.engine)
         return pickle.dumps(embeddings) if as_bytes else embeddings
 
     def prepare(self, text_embeddings: Any, run_metadata: Mapping | None = None) -> bool:
@@ -153,7 +153,7 @@ class LabelWorker:
                                    "files differ between nodes")
             self._run_metadata = dict(run_metadata)
         with self._lock:
-            self.engine.set_vocabulary(text_embeddings=text_embeddings)
+            set_engine_vocabulary(self.engine, self.spec.engine, text_embeddings)
         return True
 
     def progress(self) -> tuple[int, dict[str, int]]:

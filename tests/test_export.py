@@ -16,11 +16,10 @@ from cass_engine import CassConfig
 from jobs import audit as audit_job
 from jobs import export as export_job
 from jobs import export_coco
-from pipeline.config import ComputeConfig, IOConfig
+from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig
 from pipeline.decode import decode_image
-from pipeline.engine import EngineSpec
 from pipeline.exports import ExportError, safe_relative_path
-from pipeline.plan import JobConfig, plan_job
+from pipeline.plan import plan_job
 from pipeline.stub import StubOptions, stub_confidence, stub_labels
 from pipeline.worker import LabelWorker, WorkerSpec
 from schemas.confidence import level_of, quantize
@@ -238,10 +237,11 @@ def test_export_runs_as_a_script(labelled, tmp_path):
     assert "export png: rows" in done.stderr  # progress
 
 
-def test_label_job_stores_confidence_only_when_asked(tmp_path):
+def test_label_job_stores_confidence_only_when_asked(tmp_path, vocab_file):
     from jobs.label import build_parser, job_from_args
 
-    base = ["--vocab", "v.txt", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]
+    base = ["--vocab", str(vocab_file), "--input", str(tmp_path / "in"),
+            "--output", str(tmp_path / "o")]
     assert job_from_args(build_parser().parse_args(base)).io.confidence is False
     job = job_from_args(build_parser().parse_args([*base, "--confidence"]))
     assert job.io.confidence is True and job.io.public_dict()["confidence"] is True

@@ -15,10 +15,9 @@ from test_export import expected_maps, label
 
 from cass_engine import CassConfig
 from pipeline import dataset as dataset_module
-from pipeline.config import ComputeConfig, IOConfig
+from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig
 from pipeline.dataset import LabelDataset
-from pipeline.engine import EngineSpec
-from pipeline.plan import JobConfig, plan_job
+from pipeline.plan import plan_job
 from pipeline.stub import StubOptions, stub_labels
 from pipeline.worker import LabelWorker, WorkerSpec
 from schemas.confidence import MAX_QUANTISATION_ERROR, level_of, quantize

@@ -33,10 +33,9 @@ from pipeline.conditional import (
     read_object,
     replace_object,
 )
-from pipeline.config import ComputeConfig, IOConfig
-from pipeline.engine import EngineSpec
+from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig, OutputPolicy
 from pipeline.lease import Lease, LeaseHeld, LeaseLost, check_holder, read_holder
-from pipeline.plan import JobConfig, OutputPolicy, StartupError, plan_job
+from pipeline.plan import StartupError, plan_job
 from pipeline.runner import run_job
 from pipeline.stub import StubOptions
 from pipeline.worker import LabelWorker, WorkerSpec

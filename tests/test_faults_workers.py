@@ -33,9 +33,7 @@ from fault_proxy import FaultProxy, FaultRates
 from ray.exceptions import ActorUnavailableError
 
 from cass_engine import CassConfig
-from pipeline.config import ComputeConfig, IOConfig
-from pipeline.engine import EngineSpec
-from pipeline.plan import JobConfig, OutputPolicy
+from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig, OutputPolicy
 from pipeline.runner import Scheduler, run_job
 from pipeline.shards import ShardSpec
 from pipeline.storage import StorageError

@@ -19,9 +19,7 @@ from engine_fixtures import photo_336x448, random_backbones  # noqa: F401
 
 from cass_engine import CassConfig
 from cass_engine.segmenter import CassSegmenter
-from pipeline.config import ComputeConfig, IOConfig
-from pipeline.engine import EngineSpec
-from pipeline.plan import JobConfig
+from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig
 from pipeline.runner import run_job
 from pipeline.stub import StubOptions
 

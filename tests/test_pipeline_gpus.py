@@ -8,9 +8,8 @@ import pytest
 from conftest import encode, photos
 
 from cass_engine import CassConfig
-from pipeline.config import ComputeConfig, IOConfig
-from pipeline.engine import EngineSpec
-from pipeline.plan import JobConfig, StartupError
+from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig
+from pipeline.plan import StartupError
 from pipeline.runner import run_job
 from pipeline.stub import StubOptions
 

@@ -17,10 +17,9 @@ from pycocotools.coco import COCO
 from cass_engine import CassConfig
 from jobs import export_coco
 from jobs import label as label_job
-from pipeline.config import ComputeConfig, IOConfig
+from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig
 from pipeline.decode import decode_image
-from pipeline.engine import EngineSpec
-from pipeline.plan import JobConfig, StartupError
+from pipeline.plan import StartupError
 from pipeline.runner import run_job
 from pipeline.stub import StubOptions, stub_labels
 from schemas import annotations_to_label_map

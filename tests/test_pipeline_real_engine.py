@@ -7,10 +7,8 @@ import pytest
 from conftest import encode, photo, write_vocabulary
 
 import cass_engine
-from pipeline.config import ComputeConfig, IOConfig
+from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig
 from pipeline.decode import decode_image
-from pipeline.engine import EngineSpec
-from pipeline.plan import JobConfig
 from pipeline.runner import run_job
 from schemas import annotations_to_label_map
 from schemas.io import iter_label_rows

@@ -23,10 +23,17 @@ from PIL import Image
 from cass_engine import CassConfig
 from cass_engine.staging import stage_weights
 from pipeline import storage, writer
-from pipeline.config import ComputeConfig, ConfigError, IOConfig
+from pipeline.config import (
+    ComputeConfig,
+    ConfigError,
+    EngineSpec,
+    IOConfig,
+    JobConfig,
+    OutputPolicy,
+)
 from pipeline.decode import decode_image
-from pipeline.engine import EngineSpec, stage_engine_weights
-from pipeline.plan import JobConfig, OutputPolicy, StartupError, plan_job
+from pipeline.engine import stage_engine_weights
+from pipeline.plan import StartupError, plan_job
 from pipeline.readers import iter_raw_images, tar_key
 from pipeline.record import OutputConflict, check_compatible
 from pipeline.shards import InputError, ShardSpec, list_shards, safe_shard_id
@@ -465,8 +472,8 @@ def test_plan_fails_fast_with_clear_messages(tmp_path, vocab_file):
     with pytest.raises(StartupError, match="does not exist"):
         _plan(_job(tmp_path, vocab_file))
     _write_images(tmp_path / "in", ["a.png"])
-    with pytest.raises(StartupError, match="vocabulary"):
-        _plan(_job(tmp_path, tmp_path / "no-such-vocab.txt"))
+    with pytest.raises(ConfigError, match="vocabulary"):  # parsed with the engine spec
+        _job(tmp_path, tmp_path / "no-such-vocab.txt")
     pq.write_table(pa.table({"x": [b"1"]}), tmp_path / "in" / "a.parquet")
     with pytest.raises(StartupError, match="column 'image'"):
         _plan(_job(tmp_path, vocab_file, input_format="parquet"))
@@ -786,14 +793,15 @@ def test_import_rules():
     assert "torch" not in run("jobs.label") and "torch" not in run("pipeline.runner")
 
 
-def test_weights_are_staged_once_per_node(tmp_path, monkeypatch):
+def test_weights_are_staged_once_per_node(tmp_path, vocab_file, monkeypatch):
     import fsspec
 
     from cass_engine import staging
 
     with fsspec.open("memory://weights/clip.pt", "wb") as f:
         f.write(b"weights")
-    spec = EngineSpec(object(), clip_weights="memory://weights/clip.pt",
+    config = CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab_file))
+    spec = EngineSpec(config, clip_weights="memory://weights/clip.pt",
                       dino_weights="/local/dino.pth", cache_dir=str(tmp_path))
     calls = []
     real = staging._download

@@ -12,6 +12,7 @@ from schemas.confidence import decode_levels
 from schemas.io import output_provenance
 from schemas.uris import public_text, public_uri
 
+from ..config import is_inline_json
 from .calibration import CalibrationAccumulator, write_calibration
 from .categories import build_mapping, parse_mapping_text
 from .errors import AuditError
@@ -48,7 +49,8 @@ class AuditConfig:
         ground_truth: COCO JSON file, mask folder/prefix, or labels-schema output root.
         report_dir: where the report files go.
         gt_format: ``"coco"``, ``"masks"`` or ``"parquet"``; ``None`` detects it.
-        category_map: JSON mapping file (class -> ground-truth category), optional.
+        category_map: class -> ground-truth category mapping, optional: inline JSON (a
+            value starting with ``{``) or the path/URL of a JSON file.
         gt_classes: class list of mask ground truth (default ``ROOT/classes.txt``).
         mask_suffix: file-name ending of the masks.
         reduce_zero_label: mmseg's rule for masks whose 0 means unlabeled.
@@ -216,7 +218,9 @@ def _unmatched(log: MatchLog, gt: GroundTruth, labels: LabelsSource) -> tuple[di
 
 def _mapping(config: AuditConfig, labels: LabelsSource, gt: GroundTruth):
     explicit = None
-    if config.category_map:
+    if config.category_map and is_inline_json(config.category_map):  # like --storage-options
+        explicit = parse_mapping_text(config.category_map, "(inline JSON)")
+    elif config.category_map:
         text = read_text(config.category_map, config.storage_options, "category map")
         explicit = parse_mapping_text(text, config.category_map)
     mapping = build_mapping(labels.classes, gt.categories, explicit)

@@ -9,9 +9,8 @@ from conftest import encode, photo, tar_bytes, write_vocabulary
 
 from cass_engine import CassConfig
 from pipeline.audit.sources import load_source_image
-from pipeline.config import ComputeConfig, IOConfig
+from pipeline.config import ComputeConfig, EngineSpec, IOConfig
 from pipeline.decode import decode_image
-from pipeline.engine import EngineSpec
 from pipeline.shards import list_shards
 from pipeline.stub import StubOptions
 from pipeline.worker import LabelWorker, WorkerSpec

@@ -183,7 +183,8 @@ def test_one_cache_folder_where_the_readme_says(tmp_path, monkeypatch):
 def test_default_staging_goes_to_the_cache_root(tmp_path, monkeypatch):
     """Without a cache folder (``cass_engine.predict``, a job without ``cache_dir``), URLs are
     staged under ``$CASS_CACHE_DIR/weights``, by the engine and by the job's workers alike."""
-    from pipeline.engine import EngineSpec, stage_engine_weights
+    from pipeline.config import EngineSpec
+    from pipeline.engine import stage_engine_weights
 
     monkeypatch.setenv("CASS_CACHE_DIR", str(tmp_path / "cass"))
     fs = fsspec.filesystem("memory")
@@ -202,7 +203,7 @@ def test_default_staging_goes_to_the_cache_root(tmp_path, monkeypatch):
 
 def test_random_weights_with_files_is_one_rule(tmp_path):
     from cass_engine.segmenter import build_segmenter
-    from pipeline.engine import EngineSpec
+    from pipeline.config import EngineSpec
 
     config = CassConfig.from_preset("voc21")
     with pytest.raises(ValueError, match=CHOICE):

@@ -150,9 +150,7 @@ def _cli_labels(tmp_path: Path, vocab: Path, names: list[str], monkeypatch) -> d
 @pytest.mark.slow
 def test_cli_and_job_label_the_tricky_images_alike(ray_cpus, tmp_path, monkeypatch):
     import cass_engine
-    from pipeline.config import ComputeConfig, IOConfig
-    from pipeline.engine import EngineSpec
-    from pipeline.plan import JobConfig
+    from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig
     from pipeline.runner import run_job
     from schemas import annotations_to_label_map
     from schemas.io import iter_label_rows

@@ -31,9 +31,7 @@ from weights_files import (  # noqa: F401 - fixtures
 )
 
 from cass_engine.config import CassConfig
-from pipeline.config import ComputeConfig, IOConfig
-from pipeline.engine import EngineSpec
-from pipeline.plan import JobConfig
+from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig
 from pipeline.runner import run_job
 from schemas.uris import public_uri
 
