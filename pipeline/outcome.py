@@ -97,7 +97,7 @@ def finish(plan: JobPlan, progress: Progress, failed: list[dict], resources: dic
     plan.record.update(failed_shards=failed, unscheduled_shards=unscheduled,
                        this_run=progress.totals())
     saved = end_record(plan, status, code, resources, totals)
-    progress.live_images = 0
+    progress.set_live({})
     progress.maybe_report(force=True)
     progress.emit(progress.summary(status, public_uri(plan.job.io.output_uri)))
     for shard in failed:

@@ -3,6 +3,11 @@
 Lines go to the ``emit`` callable (stderr by default, which ``ray job submit`` also captures
 in the job log); one line every ``interval_s`` seconds, never carriage-return redraws, so
 the log stays readable.
+
+The ETA counts images, not shards: the images left (in the running shards, from the workers'
+estimates of their size, and in the shards not started, at the mean size of the shards seen
+so far) over the rate of images since the workers started. It appears with the first images
+labelled, long before the first shard of a thousand images is done.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class Progress:
     shards_failed: int = 0
     retries: int = 0
     truncated: int = 0
-    live_images: int = 0
+    live: dict = field(default_factory=dict)  # shard_id -> (images done, images expected)
     images: int = 0
     ok: int = 0
     annotations: int = 0
@@ -56,7 +61,12 @@ class Progress:
         """Measure rates from now (after the workers started)."""
         self.started = time.monotonic()
 
+    def set_live(self, live: Mapping[str, tuple[int, int | None]]) -> None:
+        """Images done and expected (None: unknown) in each running shard."""
+        self.live = dict(live)
+
     def shard_done(self, record: Mapping) -> None:
+        self.live.pop(record.get("shard_id"), None)
         self.shards_done += 1
         self.truncated += bool(record.get("truncated"))
         self.images += int(record["num_images"])
@@ -78,6 +88,11 @@ class Progress:
         return time.monotonic() - self.started
 
     @property
+    def live_images(self) -> int:
+        """Images already labelled in running shards."""
+        return sum(done for done, _ in self.live.values())
+
+    @property
     def images_seen(self) -> int:
         """Images in finished shards plus those already labelled in running shards."""
         return self.images + self.live_images
@@ -87,10 +102,23 @@ class Progress:
         return self.images_seen / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def eta_s(self) -> float | None:
+        """Seconds left at the current image rate; None before the first image or while the
+        size of the shards is not known at all."""
         finished = self.shards_done + self.shards_failed
-        if finished == 0:
-            return None
-        return self.elapsed_s / finished * (self.total_shards - finished)
+        per_shard = self._images_per_shard()
+        if self.images_seen == 0 or per_shard is None:
+            return None if finished == 0 else (
+                self.elapsed_s / finished * (self.total_shards - finished))
+        left = sum(max(0.0, (per_shard if expected is None else expected) - done)
+                   for done, expected in self.live.values())
+        not_started = max(0, self.total_shards - finished - len(self.live))
+        return (left + not_started * per_shard) / self.images_per_s
+
+    def _images_per_shard(self) -> float | None:
+        """Mean image count of the shards done and the running shards' estimates."""
+        sizes = [expected for _, expected in self.live.values() if expected is not None]
+        count = self.shards_done + len(sizes)
+        return (self.images + sum(sizes)) / count if count else None
 
     def line(self) -> str:
         eta = self.eta_s()

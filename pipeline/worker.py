@@ -43,7 +43,7 @@ from .readers import RawImage, iter_raw_images
 from .record import weight_differences
 from .shards import ShardSpec
 from .spool import RowSpool, remove_stale_spools
-from .storage import filesystem
+from .storage import filesystem, retry
 from .writer import write_shard
 
 Item = tuple[RawImage, DecodedImage]
@@ -113,7 +113,7 @@ class LabelWorker:
         remove_stale_spools()  # left by workers killed mid-shard on this node
         self.engine_seconds = 0.0
         self._fault_streak = 0  # images in a row that failed alone, not about the image
-        self._live: dict[str, int] = {}
+        self._live: dict[str, ShardCounts] = {}
         self._beats: dict[str, int] = {}
         self._live_lock = threading.Lock()
         if text_embeddings is not None:
@@ -156,12 +156,20 @@ class LabelWorker:
             self.engine.set_vocabulary(text_embeddings=text_embeddings)
         return True
 
-    def progress(self) -> tuple[int, dict[str, int]]:
-        """Images labelled so far in the shards in progress, and ``{shard_id: counter}`` of
-        those shards: a counter moves whenever its shard makes progress (started, an image
-        finished, writing started), so a driver that sees it stand still knows it is stuck."""
+    def progress(self) -> dict[str, dict]:
+        """``{shard_id: {"images", "expected", "beat"}}`` of the shards in progress: images
+        labelled so far, the shard's estimated image count (None: not known yet), and a
+        counter that moves whenever the shard makes progress (started, an image finished,
+        writing started), so a driver that sees it stand still knows it is stuck. Counted
+        in memory as images finish; the driver asks every few seconds."""
         with self._live_lock:
-            return sum(self._live.values()), dict(self._beats)
+            out = {}
+            for shard_id, beat in self._beats.items():
+                counts = self._live.get(shard_id)
+                images = counts.images if counts else 0
+                out[shard_id] = {"images": images, "beat": beat,
+                                 "expected": counts.expected() if counts else None}
+            return out
 
     def peak_memory_bytes(self) -> int:
         """Peak resident memory of this process."""
@@ -188,9 +196,11 @@ class LabelWorker:
         started = time.monotonic()
         engine_before = self.engine_seconds
         self._beat(shard.shard_id)
-        items = iter_raw_images(shard, self._in_fs, self.spec.io.image_column,
-                                self.spec.io.id_column,
-                                max_encoded_bytes(self.spec.io.max_image_pixels))
+        counts = self._live.setdefault(shard.shard_id, shard_counts(shard, self._in_fs,
+                                                                    max_images))
+        items = counts.count(iter_raw_images(shard, self._in_fs, self.spec.io.image_column,
+                                             self.spec.io.id_column,
+                                             max_encoded_bytes(self.spec.io.max_image_pixels)))
         if max_images is not None:
             items = islice(items, max_images + 1)
         spool = RowSpool(self._run_metadata)
@@ -202,7 +212,7 @@ class LabelWorker:
                     break
                 spool.add(row)
             rows = spool.close()
-            self._live.pop(shard.shard_id, None)
+            counts.known = counts.images
             self._beat(shard.shard_id)
             extra = {"source_uri": shard.source_uri, "fingerprint": self.spec.fingerprint,
                      "input_fingerprint": shard.fingerprint, "truncated": truncated,
@@ -244,7 +254,7 @@ class LabelWorker:
         decoded = _ordered_map(self._pool, self._load_and_decode, items,
                                compute.batch_size * compute.prefetch_batches)
         pending: deque[Future] = deque()
-        self._live[shard_id] = 0
+        self._live.setdefault(shard_id, ShardCounts())
         for batch in _batched(decoded, compute.batch_size):
             for future in self._label_batch(shard_id, batch, isolate):
                 future.add_done_callback(lambda _, sid=shard_id: self._count_row(sid))
@@ -257,7 +267,7 @@ class LabelWorker:
     def _count_row(self, shard_id: str) -> None:
         with self._live_lock:
             if shard_id in self._live:
-                self._live[shard_id] += 1
+                self._live[shard_id].images += 1
             if shard_id in self._beats:
                 self._beats[shard_id] += 1
 
@@ -325,6 +335,58 @@ class LabelWorker:
             return self.engine.segment([image], return_logits=False, return_probs=False)[0]
         except Exception as exc:  # noqa: BLE001 - the caller decides: error row or fault
             return exc
+
+
+@dataclass
+class ShardCounts:
+    """Progress of one shard on a worker, and an estimate of its size in images.
+
+    Attributes:
+        images: images labelled so far.
+        known: the shard's exact image count, when known (image groups; a shard read to its
+            end); else estimated from the bytes read: images read x the shard file's size /
+            the bytes of those images (tar headers and other members make it a little high).
+        limit: ``--limit`` share of this launch (None: no limit).
+        size_bytes: byte size of the shard file (None: unknown).
+    """
+
+    images: int = 0
+    known: int | None = None
+    limit: int | None = None
+    size_bytes: int | None = None
+    read: int = 0
+    read_bytes: int = 0
+
+    def count(self, items: Iterable[RawImage]) -> Iterator[RawImage]:
+        """Pass items through, counting them and their bytes as they are read."""
+        for item in items:
+            self.read += 1
+            self.read_bytes += len(item.data or b"")
+            yield item
+        self.known = self.read if self.known is None else self.known
+
+    def expected(self) -> int | None:
+        """Estimated images in the shard (at least those labelled), or None."""
+        estimate = self.known
+        if estimate is None and self.size_bytes and self.read_bytes:
+            estimate = round(self.read * self.size_bytes / self.read_bytes)
+        if estimate is None:
+            return None
+        if self.limit is not None:
+            estimate = min(estimate, self.limit)
+        return max(estimate, self.images)
+
+
+def shard_counts(shard: ShardSpec, fs: Any, limit: int | None = None) -> ShardCounts:
+    """Counts of a shard about to be read: image groups know their size; for a tar or
+    Parquet shard the file's size is asked for once (best effort)."""
+    if shard.kind == "images":
+        return ShardCounts(known=len(shard.paths), limit=limit)
+    try:
+        size = int(retry(lambda: fs.size(shard.paths[0]), f"stat {shard.paths[0]}", attempts=2))
+    except Exception:  # noqa: BLE001 - only for the progress estimate
+        size = None
+    return ShardCounts(limit=limit, size_bytes=size)
 
 
 def _fault(exc: BaseException, batch: int, alone: int | None = None) -> EngineFault:
