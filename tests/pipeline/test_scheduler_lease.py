@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import calendar
+import dataclasses
+import json
 import threading
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
+from conftest import encode, photos
 from ray.exceptions import RayTaskError
 
+from cass_engine import CassConfig
 from pipeline.config import ComputeConfig, IOConfig
-from pipeline.lease import LeaseLost
+from pipeline.engine import EngineSpec
+from pipeline.lease import LeaseLost, read_holder
+from pipeline.plan import JobConfig, OutputPolicy
+from pipeline.runner import run_job
 from pipeline.scheduler import LEASE_LOST, Scheduler
 from pipeline.shards import ShardSpec
+from pipeline.stub import StubOptions
+from schemas.io import open_output
 
 
 def _scheduler(events: list, num_shards: int = 6):
@@ -79,3 +91,46 @@ def test_lease_lost_by_the_driver_stops_the_workers_too():
     assert scheduler.step() is False
     assert sorted(events) == [("kill", 0), ("kill", 1)] and progress.retried == []
     assert sorted(f["shard_id"] for f in scheduler.failed) == ["s0", "s1", "s2"]
+
+
+def _image_job(tmp_path: Path, vocab: Path, **compute: object) -> JobConfig:
+    """Eight PNG files in four groups; a stub engine labelling 0.3 s per image."""
+    (tmp_path / "in").mkdir()
+    for i, array in enumerate(photos(8, 40)):
+        (tmp_path / "in" / f"im{i}.png").write_bytes(encode(array))
+    config = CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab))
+    return JobConfig(IOConfig(str(tmp_path / "in"), str(tmp_path / "out"), images_per_shard=2),
+                     ComputeConfig(**{"batch_size": 2, "progress_interval_s": 0.2, **compute}),
+                     EngineSpec(config, stub=StubOptions(seconds_per_image=0.3)),
+                     policy=OutputPolicy(output_is_shared=True, lease_ttl_s=600.0))
+
+
+def test_a_worker_that_meets_another_holder_stops_the_run(ray_cpus, tmp_path, vocab_file):
+    job = _image_job(tmp_path, vocab_file, actors=1, shards_per_actor=1, max_attempts=3)
+    out = tmp_path / "out"
+    results: list = []
+    runner = threading.Thread(target=lambda: results.append(run_job(job, emit=lambda _: None)))
+    runner.start()
+    deadline = time.monotonic() + 120
+    while not list(out.glob("_done/*.json")):
+        assert time.monotonic() < deadline and runner.is_alive(), "no shard was certified"
+        time.sleep(0.05)
+    fs, root = open_output(str(out))
+    holder = read_holder(fs, root)  # the driver renews every 150 s: it does not notice first
+    thief = dataclasses.replace(holder, run_id="run-that-took-over", expires_at=time.time() + 600)
+    (out / "_lease.json").write_bytes(thief.to_bytes())
+    taken_at = time.time()
+    runner.join(timeout=120)
+    summary = results[0]
+    assert summary.status == "incomplete" and summary.exit_code == 3
+    assert summary.record["this_run"]["retries"] == 0  # stopped, not retried elsewhere
+    assert any("no longer holds the lease" in " ".join(f["reasons"])
+               for f in summary.record["failed_shards"])
+    records = [json.loads(p.read_text()) for p in (out / "_done").glob("*.json")]
+    assert 1 <= len(records) < 4
+    late = [r for r in records
+            if calendar.timegm(time.strptime(r["written_at"], "%Y-%m-%dT%H:%M:%SZ"))
+            > taken_at + 1]
+    assert late == []  # nothing certified after the takeover (1 s: record clock granularity)
+    assert read_holder(fs, root).run_id == "run-that-took-over"  # left to its holder
+    assert json.loads((out / "run.json").read_text())["status"] == "running"  # not its own
