@@ -138,9 +138,11 @@ def stage_weights(uri: str | None, cache_dir: str, storage_options: Mapping) -> 
 
 
 def _download(uri: str, target: Path, storage_options: Mapping) -> None:
-    from .storage import filesystem, retry
+    from schemas.io import open_output
 
-    fs, path = filesystem(uri, storage_options)
+    from .storage import retry
+
+    fs, path = open_output(uri, storage_options)
     partial = target.with_suffix(target.suffix + ".partial")
     retry(lambda: fs.get_file(path, str(partial)), f"download weights {public_uri(uri)}")
     partial.replace(target)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 
 from schemas.uris import public_uri
 
+from .memory import peak_rss_bytes
 from .outcome import (
     EXIT_BAD_CONFIG,
     EXIT_INCOMPLETE,
@@ -29,7 +30,6 @@ from .outcome import (
     RunSummary,
     abandon,
     check_output_placement,
-    driver_peak_memory_bytes,
     end_record,
     exit_code_of,
     finish,
@@ -159,7 +159,7 @@ def _start_pool(plan: JobPlan, emit: Callable[[str], None]) -> WorkerPool:
 
 
 def _resources(pool: WorkerPool | None) -> dict:
-    out: dict = {"driver_peak_memory_bytes": driver_peak_memory_bytes()}
+    out: dict = {"driver_peak_memory_bytes": peak_rss_bytes()}
     if pool is not None:
         out["actors"] = dataclasses.asdict(pool.resources)
         out["workers"] = pool.infos

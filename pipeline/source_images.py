@@ -22,7 +22,7 @@ from schemas.labels import STATUS_OK
 from .decode import decode_image
 from .readers import RawImage, iter_raw_images
 from .shards import PARQUET_EXTENSIONS, TAR_EXTENSIONS, ShardSpec
-from .storage import filesystem, read_bytes
+from .storage import read_bytes
 
 DEFAULT_MAX_PIXELS = 1 << 28
 
@@ -60,7 +60,7 @@ class _ShardCursor:
 
     def __init__(self, uri: str, io: Mapping, storage_options: Mapping | None) -> None:
         self.uri = uri
-        self._fs, path = filesystem(uri, storage_options)
+        self._fs, path = open_output(uri, storage_options)
         self._spec = ShardSpec("export", source_kind(uri), (path,), (), uri, "")
         self._io = io
         self._items: Iterator[RawImage] | None = None
@@ -139,7 +139,7 @@ class SourceJoin:
 
     def _raw(self, uri: str, key: str) -> RawImage | None:
         if source_kind(uri) == "images":
-            fs, path = filesystem(uri, self.storage_options)
+            fs, path = open_output(uri, self.storage_options)
             return RawImage(key, uri, data=read_bytes(fs, path))
         if self._cursor is None or self._cursor.uri != uri:
             self._cursor = _ShardCursor(uri, self.io, self.storage_options)

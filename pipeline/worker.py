@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import resource
 import threading
 import time
 from collections import deque
@@ -34,16 +33,19 @@ from typing import Any
 
 from PIL import Image
 
+from schemas.io import open_output
+
 from .config import ComputeConfig, IOConfig
 from .decode import DecodedImage, decode_image, max_encoded_bytes
 from .encode import failure_row, result_to_row
 from .engine import EngineSpec, build_engine, choose_device
 from .lease import check_holder
+from .memory import peak_rss_bytes
 from .readers import RawImage, iter_raw_images
 from .record import weight_differences
 from .shards import ShardSpec
 from .spool import RowSpool, remove_stale_spools
-from .storage import filesystem, retry
+from .storage import retry
 from .writer import write_shard
 
 Item = tuple[RawImage, DecodedImage]
@@ -107,8 +109,8 @@ class LabelWorker:
         self.engine = build_engine(spec.engine, self.device)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(spec.compute.decode_threads, "cass-decode")
-        self._in_fs, _ = filesystem(spec.io.input_uri, spec.io.storage_options)
-        self._out_fs, self._out_root = filesystem(spec.io.output_uri, spec.io.storage_options)
+        self._in_fs, _ = open_output(spec.io.input_uri, spec.io.storage_options)
+        self._out_fs, self._out_root = open_output(spec.io.output_uri, spec.io.storage_options)
         self._run_metadata = dict(spec.run_metadata)
         remove_stale_spools()  # left by workers killed mid-shard on this node
         self.engine_seconds = 0.0
@@ -173,7 +175,7 @@ class LabelWorker:
 
     def peak_memory_bytes(self) -> int:
         """Peak resident memory of this process."""
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak_rss_bytes()
 
     # ------------------------------------------------------------------ work
     def process_shard(self, shard: ShardSpec, max_images: int | None = None,

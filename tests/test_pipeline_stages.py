@@ -141,7 +141,7 @@ def test_tar_member_names_never_become_paths(tmp_path, monkeypatch):
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
     before = sorted(p for p in tmp_path.rglob("*"))
-    fs, _ = storage.filesystem(str(shard_file))
+    fs, _ = open_output(str(shard_file))
     shard = ShardSpec("shard", "webdataset", (str(shard_file),), (), str(shard_file), "fp")
     items = list(iter_raw_images(shard, fs))
     assert [i.key for i in items] == ["../../evil", "/abs/x", "dir/ok"]
@@ -154,7 +154,7 @@ def test_damaged_archives_yield_an_error_item(tmp_path):
     good = tar_bytes({f"{i}.png": encode(photo("coins", 32)) for i in range(3)})
     (tmp_path / "cut.tar").write_bytes(good[: len(good) // 2])
     (tmp_path / "junk.tar").write_bytes(b"not a tar file" * 100)
-    fs, _ = storage.filesystem(str(tmp_path))
+    fs, _ = open_output(str(tmp_path))
     for name, min_good in (("cut.tar", 1), ("junk.tar", 0)):
         shard = ShardSpec(name, "webdataset", (str(tmp_path / name),), (), name, "fp")
         items = list(iter_raw_images(shard, fs))
@@ -168,7 +168,7 @@ def test_parquet_reader_binary_struct_and_ids(tmp_path):
     pq.write_table(table, tmp_path / "p.parquet")
     hf = pa.table({"image": [{"bytes": png, "path": "a.png"}]})
     pq.write_table(hf, tmp_path / "hf.parquet")
-    fs, _ = storage.filesystem(str(tmp_path))
+    fs, _ = open_output(str(tmp_path))
     shard = ShardSpec("p", "parquet", (str(tmp_path / "p.parquet"),), (), "p", "fp")
     items = list(iter_raw_images(shard, fs, "img", "name"))
     assert [(i.key, len(i.data)) for i in items] == [("x", len(png)), ("y", 0), ("z", len(png))]

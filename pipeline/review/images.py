@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pipeline.readers import iter_raw_images
 from pipeline.shards import ShardSpec
 from pipeline.source_images import source_kind
-from pipeline.storage import filesystem, read_bytes
+from pipeline.storage import read_bytes
+from schemas.io import open_output
 from schemas.labels import make_image_id
 
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
@@ -95,7 +96,7 @@ def load_images(refs: Iterable[SourceRef], storage_options: Mapping | None = Non
 
 def _read_source(uri: str, group: list[SourceRef], options: Mapping | None,
                  columns: tuple[str, str | None], max_bytes: int) -> dict[str, bytes | str]:
-    fs, path = filesystem(uri, options)
+    fs, path = open_output(uri, options)
     kind = group[0].kind
     if kind == "images":
         size = fs.size(path)
