@@ -7,7 +7,8 @@ the log stays readable.
 The ETA counts images, not shards: the images left (in the running shards, from the workers'
 estimates of their size, and in the shards not started, at the mean size of the shards seen
 so far) over the rate of images since the workers started. It appears with the first images
-labelled, long before the first shard of a thousand images is done.
+labelled, long before the first shard of a thousand images is done. Workers keep those
+counts per shard in :class:`ShardCounts`, in memory, and hand them over when asked.
 """
 
 from __future__ import annotations
@@ -15,8 +16,15 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .storage import retry
+
+if TYPE_CHECKING:
+    from .readers import RawImage
+    from .shards import ShardSpec
 
 
 def emit_stderr(line: str) -> None:
@@ -166,3 +174,55 @@ class Progress:
                 f"{t['images']} images ({t['images_ok']} ok; errors: {errors}), "
                 f"{t['annotations']} masks in {_duration(t['seconds'])} "
                 f"({t['images_per_s']:.1f} img/s) -> {output_uri}")
+
+
+@dataclass
+class ShardCounts:
+    """Progress of one shard on a worker, and an estimate of its size in images.
+
+    Attributes:
+        images: images labelled so far.
+        known: the shard's exact image count, when known (image groups; a shard read to its
+            end); else estimated from the bytes read: images read x the shard file's size /
+            the bytes of those images (tar headers and other members make it a little high).
+        limit: ``--limit`` share of this launch (None: no limit).
+        size_bytes: byte size of the shard file (None: unknown).
+    """
+
+    images: int = 0
+    known: int | None = None
+    limit: int | None = None
+    size_bytes: int | None = None
+    read: int = 0
+    read_bytes: int = 0
+
+    def count(self, items: Iterable[RawImage]) -> Iterator[RawImage]:
+        """Pass items through, counting them and their bytes as they are read."""
+        for item in items:
+            self.read += 1
+            self.read_bytes += len(item.data or b"")
+            yield item
+        self.known = self.read if self.known is None else self.known
+
+    def expected(self) -> int | None:
+        """Estimated images in the shard (at least those labelled), or None."""
+        estimate = self.known
+        if estimate is None and self.size_bytes and self.read_bytes:
+            estimate = round(self.read * self.size_bytes / self.read_bytes)
+        if estimate is None:
+            return None
+        if self.limit is not None:
+            estimate = min(estimate, self.limit)
+        return max(estimate, self.images)
+
+
+def shard_counts(shard: ShardSpec, fs: Any, limit: int | None = None) -> ShardCounts:
+    """Counts of a shard about to be read: image groups know their size; for a tar or
+    Parquet shard the file's size is asked for once (best effort)."""
+    if shard.kind == "images":
+        return ShardCounts(known=len(shard.paths), limit=limit)
+    try:
+        size = int(retry(lambda: fs.size(shard.paths[0]), f"stat {shard.paths[0]}", attempts=2))
+    except Exception:  # noqa: BLE001 - only for the progress estimate
+        size = None
+    return ShardCounts(limit=limit, size_bytes=size)

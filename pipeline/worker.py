@@ -41,11 +41,11 @@ from .encode import failure_row, result_to_row
 from .engine import EngineSpec, build_engine, choose_device
 from .lease import check_holder
 from .memory import peak_rss_bytes
+from .progress import ShardCounts, shard_counts
 from .readers import RawImage, iter_raw_images
 from .record import weight_differences
 from .shards import ShardSpec
 from .spool import RowSpool, remove_stale_spools
-from .storage import retry
 from .writer import write_shard
 
 Item = tuple[RawImage, DecodedImage]
@@ -337,58 +337,6 @@ class LabelWorker:
             return self.engine.segment([image], return_logits=False, return_probs=False)[0]
         except Exception as exc:  # noqa: BLE001 - the caller decides: error row or fault
             return exc
-
-
-@dataclass
-class ShardCounts:
-    """Progress of one shard on a worker, and an estimate of its size in images.
-
-    Attributes:
-        images: images labelled so far.
-        known: the shard's exact image count, when known (image groups; a shard read to its
-            end); else estimated from the bytes read: images read x the shard file's size /
-            the bytes of those images (tar headers and other members make it a little high).
-        limit: ``--limit`` share of this launch (None: no limit).
-        size_bytes: byte size of the shard file (None: unknown).
-    """
-
-    images: int = 0
-    known: int | None = None
-    limit: int | None = None
-    size_bytes: int | None = None
-    read: int = 0
-    read_bytes: int = 0
-
-    def count(self, items: Iterable[RawImage]) -> Iterator[RawImage]:
-        """Pass items through, counting them and their bytes as they are read."""
-        for item in items:
-            self.read += 1
-            self.read_bytes += len(item.data or b"")
-            yield item
-        self.known = self.read if self.known is None else self.known
-
-    def expected(self) -> int | None:
-        """Estimated images in the shard (at least those labelled), or None."""
-        estimate = self.known
-        if estimate is None and self.size_bytes and self.read_bytes:
-            estimate = round(self.read * self.size_bytes / self.read_bytes)
-        if estimate is None:
-            return None
-        if self.limit is not None:
-            estimate = min(estimate, self.limit)
-        return max(estimate, self.images)
-
-
-def shard_counts(shard: ShardSpec, fs: Any, limit: int | None = None) -> ShardCounts:
-    """Counts of a shard about to be read: image groups know their size; for a tar or
-    Parquet shard the file's size is asked for once (best effort)."""
-    if shard.kind == "images":
-        return ShardCounts(known=len(shard.paths), limit=limit)
-    try:
-        size = int(retry(lambda: fs.size(shard.paths[0]), f"stat {shard.paths[0]}", attempts=2))
-    except Exception:  # noqa: BLE001 - only for the progress estimate
-        size = None
-    return ShardCounts(limit=limit, size_bytes=size)
 
 
 def _fault(exc: BaseException, batch: int, alone: int | None = None) -> EngineFault:

@@ -10,11 +10,10 @@ from cass_engine import CassConfig
 from pipeline.config import ComputeConfig, IOConfig
 from pipeline.engine import EngineSpec
 from pipeline.plan import JobConfig, OutputPolicy
-from pipeline.progress import Progress
+from pipeline.progress import Progress, ShardCounts
 from pipeline.readers import RawImage
 from pipeline.runner import run_job
 from pipeline.stub import StubOptions
-from pipeline.worker import ShardCounts
 
 
 def test_eta_comes_from_images_done_in_running_shards():
