@@ -14,7 +14,8 @@ it last wrote (same ETag / generation / content). If another run took the expire
 meanwhile, that replace fails and the lease is lost for good.
 
 Workers check the lease right before they certify a shard (:func:`check_holder`): a worker of
-a run that lost its lease cannot make its labels visible.
+a run that lost its lease, or whose lease expired and was not re-taken within two renewal
+periods, cannot make its labels visible.
 """
 
 from __future__ import annotations
@@ -94,13 +95,30 @@ def read_holder(fs: Any, root: str) -> Holder | None:
     return Holder.parse(found[0]) if found else None
 
 
-def check_holder(fs: Any, root: str, run_id: str) -> None:
-    """Raise :class:`LeaseLost` unless ``run_id`` holds the output's lease."""
-    holder = read_holder(fs, root)
-    if holder is None or holder.run_id != run_id:
-        other = holder.describe(time.time()) if holder else "nobody"
-        raise LeaseLost(f"run {run_id} no longer holds the lease of the output (held by "
-                        f"{other}); its labels are not certified")
+def check_holder(fs: Any, root: str, run_id: str, wait_s: float | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+    """Raise :class:`LeaseLost` unless ``run_id`` holds the output's lease, unexpired.
+
+    A lease of ``run_id`` that expired (its renewals could not reach storage, and another run
+    may take it over at any moment) is waited for, ``wait_s`` seconds (default: half its time
+    to live, two renewal periods), to be re-taken by its holder.
+    """
+    deadline = None
+    while True:
+        holder = read_holder(fs, root)
+        if holder is None or holder.run_id != run_id:
+            other = holder.describe(clock()) if holder else "nobody"
+            raise LeaseLost(f"run {run_id} no longer holds the lease of the output (held by "
+                            f"{other}); its labels are not certified")
+        if holder.expires_at > clock():
+            return
+        wait = holder.ttl_s / 2 if wait_s is None else wait_s
+        deadline = deadline if deadline is not None else time.monotonic() + wait
+        if time.monotonic() >= deadline:
+            raise LeaseLost(f"the lease of run {run_id} expired {clock() - holder.expires_at:.0f}"
+                            f" s ago and was not renewed within {wait:g} s; its labels are "
+                            "not certified")
+        time.sleep(min(1.0, max(0.05, wait / 10)))
 
 
 class Lease:

@@ -3,6 +3,8 @@ lease when storage answers again, unless another run took it meanwhile."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from pipeline.lease import Lease, LeaseLost, check_holder, read_holder
@@ -39,7 +41,7 @@ def test_own_expired_lease_is_retaken_when_storage_returns(outage):
     assert lease.renew() and not lease.lost.is_set() and not lease.expired
     holder = read_holder(fs, root)
     assert holder.run_id == "run-a" and holder.expires_at == now[0] + 10
-    check_holder(fs, root, "run-a")
+    check_holder(fs, root, "run-a", clock=lambda: now[0])
     lease.release()
     assert read_holder(fs, root) is None
 
@@ -63,3 +65,21 @@ def test_expired_lease_taken_by_another_run_during_the_outage_stays_lost(outage)
     lease.release()  # a lost lease is not deleted
     assert read_holder(fs, root).run_id == "run-b"
     taker.release()
+
+
+def test_an_expired_lease_certifies_nothing_until_its_holder_retakes_it(outage):
+    fs, root, down = outage
+    now = [1_000.0]
+    clock = lambda: now[0]  # noqa: E731
+    lease = Lease(fs, root, "run-a", "2026-01-01T00:00:00Z", ttl_s=10, clock=clock)
+    lease.acquire()
+    check_holder(fs, root, "run-a", clock=clock)
+    now[0] += 30  # expired (the renewals could not reach storage): another run may take it
+    with pytest.raises(LeaseLost, match="expired"):
+        check_holder(fs, root, "run-a", clock=clock, wait_s=0.2)
+    retake = threading.Timer(0.3, lease.renew)  # the holder's next renewal re-takes it
+    retake.start()
+    check_holder(fs, root, "run-a", clock=clock, wait_s=10)  # waited for it
+    retake.join()
+    assert not lease.lost.is_set()
+    lease.release()
