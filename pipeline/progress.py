@@ -184,9 +184,12 @@ class ShardCounts:
         images: images labelled so far.
         known: the shard's exact image count, when known (image groups; a shard read to its
             end); else estimated from the bytes read: images read x the shard file's size /
-            the bytes of those images (tar headers and other members make it a little high).
+            the bytes they took in it (for tars with their headers and padding; other members,
+            such as captions, make it a little high).
         limit: ``--limit`` share of this launch (None: no limit).
         size_bytes: byte size of the shard file (None: unknown).
+        tar: the shard is a tar file (each member takes a 512-byte header and is padded to
+            512 bytes).
     """
 
     images: int = 0
@@ -195,12 +198,14 @@ class ShardCounts:
     size_bytes: int | None = None
     read: int = 0
     read_bytes: int = 0
+    tar: bool = False
 
     def count(self, items: Iterable[RawImage]) -> Iterator[RawImage]:
         """Pass items through, counting them and their bytes as they are read."""
         for item in items:
             self.read += 1
-            self.read_bytes += len(item.data or b"")
+            size = len(item.data or b"")
+            self.read_bytes += (512 + -(-size // 512) * 512) if self.tar else size
             yield item
         self.known = self.read if self.known is None else self.known
 
@@ -225,4 +230,4 @@ def shard_counts(shard: ShardSpec, fs: Any, limit: int | None = None) -> ShardCo
         size = int(retry(lambda: fs.size(shard.paths[0]), f"stat {shard.paths[0]}", attempts=2))
     except Exception:  # noqa: BLE001 - only for the progress estimate
         size = None
-    return ShardCounts(limit=limit, size_bytes=size)
+    return ShardCounts(limit=limit, size_bytes=size, tar=shard.kind == "webdataset")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from itertools import islice
 
 from conftest import encode, photos, tar_bytes
 
@@ -43,6 +44,9 @@ def test_shard_size_is_estimated_from_the_bytes_read():
     list(items)
     assert counts.expected() == 30  # read to its end: exact
     assert ShardCounts(known=6, images=2).expected() == 6
+    tar = ShardCounts(size_bytes=10_240, tar=True)  # header + padding: 1024 bytes per member
+    list(islice(tar.count(RawImage(f"k{i}", "u", data=b"x" * 400) for i in range(9)), 2))
+    assert tar.expected() == 10
 
 
 def test_progress_shows_an_eta_during_the_first_shard_and_says_workers_start(
