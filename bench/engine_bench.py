@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import resource
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 from skimage import data
 
 from cass_engine import CassConfig, build_segmenter
+from pipeline.memory import peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def photo_336x448() -> np.ndarray:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    return peak_rss_bytes() / 2**30
 
 
 def sync(device: torch.device) -> None:

@@ -27,7 +27,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import shutil
 import socket
 import subprocess
@@ -43,6 +42,7 @@ from cass_engine import CassConfig
 from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig
 from pipeline.decode import decode_image
 from pipeline.engine import build_engine, set_engine_vocabulary
+from pipeline.memory import peak_rss_bytes
 from pipeline.runner import run_job
 from pipeline.stub import StubOptions
 
@@ -293,7 +293,7 @@ class SeaweedS3:
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / 2**20
 
 
 def main(argv: list[str] | None = None) -> int:

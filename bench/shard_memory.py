@@ -17,7 +17,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import tarfile
@@ -55,6 +54,7 @@ def label_once(tar: str, out: str, mode: str) -> dict:
     """Label one shard in this process; returns images, seconds and peak RSS (bytes)."""
     from cass_engine import CassConfig
     from pipeline.config import ComputeConfig, EngineSpec, IOConfig
+    from pipeline.memory import peak_rss_bytes
     from pipeline.shards import list_shards
     from pipeline.stub import StubOptions
     from pipeline.worker import LabelWorker, WorkerSpec
@@ -79,7 +79,7 @@ def label_once(tar: str, out: str, mode: str) -> dict:
         rows = worker.label_items(shard.shard_id, iter_raw_images(shard, worker._in_fs))
         record = write_shard(worker._out_fs, worker._out_root, shard.shard_id, rows, {}, {})
     return {"images": record["num_images"], "seconds": time.monotonic() - started,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss": peak_rss_bytes()}
 
 
 def main(argv: list[str] | None = None) -> int:

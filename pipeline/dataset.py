@@ -156,7 +156,9 @@ class LabelDataset:
 def _read_json(uri: str, storage_options: Mapping) -> dict:
     import json
 
-    from .storage import filesystem, read_bytes
+    from schemas.io import open_output
 
-    fs, path = filesystem(uri, storage_options)
+    from .storage import read_bytes
+
+    fs, path = open_output(uri, storage_options)
     return json.loads(read_bytes(fs, path).decode("utf-8"))

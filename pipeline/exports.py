@@ -31,14 +31,19 @@ from PIL import Image
 
 from cass_engine.formats import open_image
 from schemas.confidence import IGNORE_LABEL, apply_ignore, decode_levels
-from schemas.io import categories_document, iter_file_rows, output_provenance
+from schemas.io import (
+    categories_document,
+    iter_file_rows,
+    open_output,
+    output_provenance,
+)
 from schemas.labels import STATUS_OK
 from schemas.masks import annotations_to_label_map
 from schemas.uris import public_uri
 
 from .audit.progress_line import ProgressLine
 from .source_images import SourceItem, SourceJoin, label_files, run_io
-from .storage import filesystem, is_local
+from .storage import is_local
 
 EXPORT_FORMATS = ("png", "hf", "coco")
 EXAMPLES = 20
@@ -144,7 +149,7 @@ def prepare(labels_uri: str, out_uri: str, options: ExportOptions) -> dict:
         raise ExportError(f"labels {labels_uri} have no categories")
     if num > IGNORE_LABEL:
         raise ExportError(f"{num} classes do not fit 8-bit label maps with 255 = ignore")
-    fs, root = filesystem(out_uri, options.storage_options)
+    fs, root = open_output(out_uri, options.storage_options)
     if fs.exists(root) and (not fs.isdir(root) or fs.ls(root)):
         raise ExportError(f"export directory {out_uri} exists and is not empty")
     if is_local(fs):
@@ -194,7 +199,7 @@ def _account(summary: ExportSummary, row: Mapping, levels: np.ndarray) -> None:
 def export_png(labels_uri: str, out_uri: str, options: ExportOptions) -> ExportSummary:
     """Write the ``png`` export (see module docstring)."""
     provenance = prepare(labels_uri, out_uri, options)
-    out_fs, root = filesystem(out_uri, options.storage_options)
+    out_fs, root = open_output(out_uri, options.storage_options)
     summary = ExportSummary("png", out_uri)
     fs, files = label_files(labels_uri, options.storage_options)
     progress = _progress(files, fs, options, "png")
@@ -260,7 +265,7 @@ def hf_image_bytes(item: SourceItem) -> tuple[bytes, str]:
 def export_hf(labels_uri: str, out_uri: str, options: ExportOptions) -> ExportSummary:
     """Write the ``hf`` export (see module docstring)."""
     provenance = prepare(labels_uri, out_uri, options)
-    out_fs, root = filesystem(out_uri, options.storage_options)
+    out_fs, root = open_output(out_uri, options.storage_options)
     summary = ExportSummary("hf", out_uri)
     fs, files = label_files(labels_uri, options.storage_options)
     progress = _progress(files, fs, options, "hf")

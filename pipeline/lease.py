@@ -8,8 +8,14 @@ holder (run id, host, pid, start time). A lease whose holder stopped renewing it
 was killed, its machine died) can be taken over once it expired, with a conditional replace of
 exactly the expired version, so of two runs racing for it one wins.
 
+A storage outage longer than the time to live lets the lease expire, but does not lose it:
+when storage answers again the holder re-takes it with a conditional replace of the version
+it last wrote (same ETag / generation / content). If another run took the expired lease over
+meanwhile, that replace fails and the lease is lost for good.
+
 Workers check the lease right before they certify a shard (:func:`check_holder`): a worker of
-a run that lost its lease cannot make its labels visible.
+a run that lost its lease, or whose lease expired and was not re-taken within two renewal
+periods, cannot make its labels visible.
 """
 
 from __future__ import annotations
@@ -88,13 +94,30 @@ def read_holder(fs: Any, root: str) -> Holder | None:
     return Holder.parse(found[0]) if found else None
 
 
-def check_holder(fs: Any, root: str, run_id: str) -> None:
-    """Raise :class:`LeaseLost` unless ``run_id`` holds the output's lease."""
-    holder = read_holder(fs, root)
-    if holder is None or holder.run_id != run_id:
-        other = holder.describe(time.time()) if holder else "nobody"
-        raise LeaseLost(f"run {run_id} no longer holds the lease of the output (held by "
-                        f"{other}); its labels are not certified")
+def check_holder(fs: Any, root: str, run_id: str, wait_s: float | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+    """Raise :class:`LeaseLost` unless ``run_id`` holds the output's lease, unexpired.
+
+    A lease of ``run_id`` that expired (its renewals could not reach storage, and another run
+    may take it over at any moment) is waited for, ``wait_s`` seconds (default: half its time
+    to live, two renewal periods), to be re-taken by its holder.
+    """
+    deadline = None
+    while True:
+        holder = read_holder(fs, root)
+        if holder is None or holder.run_id != run_id:
+            other = holder.describe(clock()) if holder else "nobody"
+            raise LeaseLost(f"run {run_id} no longer holds the lease of the output (held by "
+                            f"{other}); its labels are not certified")
+        if holder.expires_at > clock():
+            return
+        wait = holder.ttl_s / 2 if wait_s is None else wait_s
+        deadline = deadline if deadline is not None else time.monotonic() + wait
+        if time.monotonic() >= deadline:
+            raise LeaseLost(f"the lease of run {run_id} expired {clock() - holder.expires_at:.0f}"
+                            f" s ago and was not renewed within {wait:g} s; its labels are "
+                            "not certified")
+        time.sleep(min(1.0, max(0.05, wait / 10)))
 
 
 class Lease:
@@ -174,25 +197,45 @@ class Lease:
                     holder.describe(self.clock()) if holder else "an unreadable lease")
         return None
 
+    @property
+    def expired(self) -> bool:
+        """Whether the last renewal that reached storage is older than the time to live
+        (another run may take the lease over; this one re-takes it when it can)."""
+        return self.token is not None and self.clock() >= self.expires_at
+
     def renew(self) -> bool:
-        """Extend the lease; False (and :attr:`lost` set) when it was taken over or expired."""
+        """Extend (or, expired, re-take) the lease with a conditional replace of the version
+        this run last wrote; False when storage did not answer, or (and :attr:`lost` set)
+        when another run changed the lease."""
         with self._lock:
             if self.lost.is_set() or self.token is None:
                 return False
-            data, expires = self._content()
+            was_expired, (data, expires) = self.expired, self._content()
             try:
-                self.token, self.expires_at = replace_object(self.fs, self.path, data,
-                                                             self.token), expires
-                return True
+                self.token, self.expires_at = self._replace(data), expires
             except PreconditionFailed:
                 log.error("the output's lease was taken over by another run")
                 self.lost.set()
+                return False
             except Exception as exc:  # noqa: BLE001 - storage down: retried next period
-                log.warning("could not renew the output's lease: %s", type(exc).__name__)
-                if self.clock() >= self.expires_at:
-                    log.error("the output's lease expired before it could be renewed")
-                    self.lost.set()
-            return False
+                log.warning("could not renew the output's lease: %s%s", type(exc).__name__,
+                            "; it expired, and is re-taken when storage answers unless "
+                            "another run takes it over" if self.expired else "")
+                return False
+            if was_expired:
+                log.warning("re-took this run's expired lease after a storage outage")
+            return True
+
+    def _replace(self, data: bytes) -> str:
+        """Replace our last version with ``data``; our own write answered late (retried,
+        then refused) counts as done."""
+        try:
+            return replace_object(self.fs, self.path, data, self.token)
+        except PreconditionFailed:
+            current = read_object(self.fs, self.path)
+            if current is not None and current[0] == data:
+                return current[1]
+            raise
 
     def start_renewing(self) -> None:
         """Renew every quarter of the time to live, in a daemon thread, until released."""

@@ -7,18 +7,19 @@ another run), 3 incomplete, 130 interrupted (SIGINT), 143 terminated (SIGTERM).
 
 from __future__ import annotations
 
-import resource
 from dataclasses import dataclass
 
 import ray
 
 from schemas.completion import check_output
+from schemas.times import utc_timestamp
 from schemas.uris import public_uri
 
 from .lease import LeaseLost, check_holder
+from .memory import peak_rss_bytes
 from .plan import JobPlan, StartupError
 from .progress import Progress
-from .record import is_termination, now_iso, output_totals
+from .record import is_termination, output_totals
 from .storage import is_local, remove_object, retry
 
 EXIT_OK = 0
@@ -46,7 +47,7 @@ def abandon(plan: JobPlan | None, status: str, exit_code: int, error: str | None
         if plan.record.get("status") == "running":
             if error is not None:
                 plan.record["error"] = error
-            resources = {"driver_peak_memory_bytes": driver_peak_memory_bytes()}
+            resources = {"driver_peak_memory_bytes": peak_rss_bytes()}
             end_record(plan, status, exit_code, resources)
     finally:
         plan.release()
@@ -97,7 +98,7 @@ def finish(plan: JobPlan, progress: Progress, failed: list[dict], resources: dic
     plan.record.update(failed_shards=failed, unscheduled_shards=unscheduled,
                        this_run=progress.totals())
     saved = end_record(plan, status, code, resources, totals)
-    progress.live_images = 0
+    progress.set_live({})
     progress.maybe_report(force=True)
     progress.emit(progress.summary(status, public_uri(plan.job.io.output_uri)))
     for shard in failed:
@@ -119,7 +120,7 @@ def end_record(plan: JobPlan, status: str, exit_code: int, resources: dict,
     record names; ``totals`` when already computed), history entry and run record; False
     when the lease was lost (nothing written)."""
     record = plan.record
-    record.update(status=status, ended_at=now_iso(), resources=resources)
+    record.update(status=status, ended_at=utc_timestamp(), resources=resources)
     record["totals"] = totals if totals is not None else _output_totals(plan)
     entry = record["history"][-1]
     this_run = record.get("this_run") or {}
@@ -152,7 +153,3 @@ def _output_totals(plan: JobPlan) -> dict:
     totals["shards_not_holding"] = sorted(check.problems)
     return totals
 
-
-def driver_peak_memory_bytes() -> int:
-    """Peak resident memory of this (driver) process."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

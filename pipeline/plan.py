@@ -17,13 +17,13 @@ import dataclasses
 import os
 import secrets
 import socket
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from schemas import Category, categories_from_classes, run_metadata
 from schemas.completion import OutputCheck, check_output, read_records, record_labels_name
-from schemas.io import done_path
+from schemas.io import done_path, open_output
+from schemas.times import utc_compact, utc_timestamp
 from schemas.uris import public_uri
 
 from .conditional import honours_conditional_create
@@ -40,7 +40,6 @@ from .record import (
     history_entry,
     input_identity,
     new_record,
-    now_iso,
     output_totals,
     previous_history,
     read_existing_record,
@@ -49,7 +48,7 @@ from .record import (
     write_record,
 )
 from .shards import IMAGE_GROUP_ID, InputError, ShardSpec, list_shards
-from .storage import filesystem, remove_object, retry
+from .storage import remove_object, retry
 
 
 @dataclass
@@ -133,7 +132,7 @@ class StartupError(RuntimeError):
 
 def new_run_id() -> str:
     """A unique, sortable id for one invocation: ``YYYYmmddTHHMMSSZ-<6 hex>``."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+    return utc_compact() + "-" + secrets.token_hex(3)
 
 
 def plan_job(job: JobConfig) -> JobPlan:
@@ -151,7 +150,7 @@ def plan_job(job: JobConfig) -> JobPlan:
                 "confidence": bool(job.io.confidence)}  # which rows carry confidence maps
     fingerprint = fingerprint_of(identity)
     out_fs, out_root = _output(job.io)
-    run_id, started_at = new_run_id(), now_iso()
+    run_id, started_at = new_run_id(), utc_timestamp()
     lease = Lease(out_fs, out_root, run_id, started_at, job.policy.lease_ttl_s)
     try:
         _guarded(lambda: lease.acquire(job.policy.wait_for_lease_s), "take the lease of",
@@ -223,11 +222,11 @@ def _list_input(io: IOConfig) -> list[ShardSpec]:
 
 
 def _in_fs(io: IOConfig) -> Any:
-    return filesystem(io.input_uri, io.storage_options)[0]
+    return open_output(io.input_uri, io.storage_options)[0]
 
 
 def _output(io: IOConfig) -> tuple[Any, str]:
-    return _guarded(lambda: filesystem(io.output_uri, io.storage_options), "open the output",
+    return _guarded(lambda: open_output(io.output_uri, io.storage_options), "open the output",
                     io.output_uri)
 
 

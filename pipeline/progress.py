@@ -3,6 +3,12 @@
 Lines go to the ``emit`` callable (stderr by default, which ``ray job submit`` also captures
 in the job log); one line every ``interval_s`` seconds, never carriage-return redraws, so
 the log stays readable.
+
+The ETA counts images, not shards: the images left (in the running shards, from the workers'
+estimates of their size, and in the shards not started, at the mean size of the shards seen
+so far) over the rate of images since the workers started. It appears with the first images
+labelled, long before the first shard of a thousand images is done. Workers keep those
+counts per shard in :class:`ShardCounts`, in memory, and hand them over when asked.
 """
 
 from __future__ import annotations
@@ -10,8 +16,15 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .storage import retry
+
+if TYPE_CHECKING:
+    from .readers import RawImage
+    from .shards import ShardSpec
 
 
 def emit_stderr(line: str) -> None:
@@ -42,7 +55,7 @@ class Progress:
     shards_failed: int = 0
     retries: int = 0
     truncated: int = 0
-    live_images: int = 0
+    live: dict = field(default_factory=dict)  # shard_id -> (images done, images expected)
     images: int = 0
     ok: int = 0
     annotations: int = 0
@@ -56,7 +69,12 @@ class Progress:
         """Measure rates from now (after the workers started)."""
         self.started = time.monotonic()
 
+    def set_live(self, live: Mapping[str, tuple[int, int | None]]) -> None:
+        """Images done and expected (None: unknown) in each running shard."""
+        self.live = dict(live)
+
     def shard_done(self, record: Mapping) -> None:
+        self.live.pop(record.get("shard_id"), None)
         self.shards_done += 1
         self.truncated += bool(record.get("truncated"))
         self.images += int(record["num_images"])
@@ -78,6 +96,11 @@ class Progress:
         return time.monotonic() - self.started
 
     @property
+    def live_images(self) -> int:
+        """Images already labelled in running shards."""
+        return sum(done for done, _ in self.live.values())
+
+    @property
     def images_seen(self) -> int:
         """Images in finished shards plus those already labelled in running shards."""
         return self.images + self.live_images
@@ -87,10 +110,23 @@ class Progress:
         return self.images_seen / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def eta_s(self) -> float | None:
+        """Seconds left at the current image rate; None before the first image or while the
+        size of the shards is not known at all."""
         finished = self.shards_done + self.shards_failed
-        if finished == 0:
-            return None
-        return self.elapsed_s / finished * (self.total_shards - finished)
+        per_shard = self._images_per_shard()
+        if self.images_seen == 0 or per_shard is None:
+            return None if finished == 0 else (
+                self.elapsed_s / finished * (self.total_shards - finished))
+        left = sum(max(0.0, (per_shard if expected is None else expected) - done)
+                   for done, expected in self.live.values())
+        not_started = max(0, self.total_shards - finished - len(self.live))
+        return (left + not_started * per_shard) / self.images_per_s
+
+    def _images_per_shard(self) -> float | None:
+        """Mean image count of the shards done and the running shards' estimates."""
+        sizes = [expected for _, expected in self.live.values() if expected is not None]
+        count = self.shards_done + len(sizes)
+        return (self.images + sum(sizes)) / count if count else None
 
     def line(self) -> str:
         eta = self.eta_s()
@@ -138,3 +174,60 @@ class Progress:
                 f"{t['images']} images ({t['images_ok']} ok; errors: {errors}), "
                 f"{t['annotations']} masks in {_duration(t['seconds'])} "
                 f"({t['images_per_s']:.1f} img/s) -> {output_uri}")
+
+
+@dataclass
+class ShardCounts:
+    """Progress of one shard on a worker, and an estimate of its size in images.
+
+    Attributes:
+        images: images labelled so far.
+        known: the shard's exact image count, when known (image groups; a shard read to its
+            end); else estimated from the bytes read: images read x the shard file's size /
+            the bytes they took in it (for tars with their headers and padding; other members,
+            such as captions, make it a little high).
+        limit: ``--limit`` share of this launch (None: no limit).
+        size_bytes: byte size of the shard file (None: unknown).
+        tar: the shard is a tar file (each member takes a 512-byte header and is padded to
+            512 bytes).
+    """
+
+    images: int = 0
+    known: int | None = None
+    limit: int | None = None
+    size_bytes: int | None = None
+    read: int = 0
+    read_bytes: int = 0
+    tar: bool = False
+
+    def count(self, items: Iterable[RawImage]) -> Iterator[RawImage]:
+        """Pass items through, counting them and their bytes as they are read."""
+        for item in items:
+            self.read += 1
+            size = len(item.data or b"")
+            self.read_bytes += (512 + -(-size // 512) * 512) if self.tar else size
+            yield item
+        self.known = self.read if self.known is None else self.known
+
+    def expected(self) -> int | None:
+        """Estimated images in the shard (at least those labelled), or None."""
+        estimate = self.known
+        if estimate is None and self.size_bytes and self.read_bytes:
+            estimate = round(self.read * self.size_bytes / self.read_bytes)
+        if estimate is None:
+            return None
+        if self.limit is not None:
+            estimate = min(estimate, self.limit)
+        return max(estimate, self.images)
+
+
+def shard_counts(shard: ShardSpec, fs: Any, limit: int | None = None) -> ShardCounts:
+    """Counts of a shard about to be read: image groups know their size; for a tar or
+    Parquet shard the file's size is asked for once (best effort)."""
+    if shard.kind == "images":
+        return ShardCounts(known=len(shard.paths), limit=limit)
+    try:
+        size = int(retry(lambda: fs.size(shard.paths[0]), f"stat {shard.paths[0]}", attempts=2))
+    except Exception:  # noqa: BLE001 - only for the progress estimate
+        size = None
+    return ShardCounts(limit=limit, size_bytes=size, tar=shard.kind == "webdataset")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -28,6 +27,7 @@ from schemas.io import (
     categories_document,
     run_record_path,
 )
+from schemas.times import utc_timestamp
 from schemas.uris import public_uri
 
 from .config import IOConfig
@@ -84,10 +84,6 @@ def fingerprint_of(identity: Mapping) -> str:
     """SHA-256 of the canonical JSON of a run identity."""
     text = json.dumps({**identity, "schema_version": SCHEMA_VERSION}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def read_existing_record(fs: Any, root: str) -> dict | None:
@@ -260,7 +256,7 @@ def new_record(identity: Mapping, fingerprint: str, categories: list[Category],
         "io": dict(io),
         "compute": dict(compute),
         "models": {},
-        "started_at": now_iso(),
+        "started_at": utc_timestamp(),
         "ended_at": None,
         "totals": {},
         "this_run": {},

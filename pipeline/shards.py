@@ -12,8 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.io import open_output
+
 from .config import IOConfig
-from .storage import filesystem, retry, uri_of
+from .storage import retry, uri_of
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif",
                     ".ppm", ".pgm", ".pbm", ".jfif")
@@ -60,7 +62,7 @@ def list_shards(io: IOConfig) -> list[ShardSpec]:
         InputError: missing input, nothing to label, or mixed formats with ``auto``.
         PermissionError: credentials rejected by the store.
     """
-    fs, root = filesystem(io.input_uri, io.storage_options)
+    fs, root = open_output(io.input_uri, io.storage_options)
     files, versions = _list_files(fs, root, io.input_uri)
     kind = _detect_kind(files, io.input_format, io.input_uri)
     chosen = sorted(p for p in files if p.lower().endswith(_extensions(kind)))

@@ -33,7 +33,7 @@ from schemas.labels import STATUS_OK, make_image_id
 from .decode import decode_image, max_encoded_bytes
 from .readers import RawImage, iter_raw_images
 from .shards import PARQUET_EXTENSIONS, TAR_EXTENSIONS, ShardSpec
-from .storage import filesystem, read_bytes
+from .storage import read_bytes
 
 DEFAULT_MAX_PIXELS = 1 << 28
 #: Largest source image :func:`read_sources` reads by default (review tasks embed them).
@@ -88,7 +88,7 @@ class _ShardCursor:
     def __init__(self, uri: str, shard_id: str, io: Mapping, storage_options: Mapping | None,
                  max_bytes: int | None) -> None:
         self.uri, self.shard_id = uri, shard_id
-        self._fs, path = filesystem(uri, storage_options)
+        self._fs, path = open_output(uri, storage_options)
         self._spec = ShardSpec(shard_id, source_kind(uri), (path,), (), uri, "")
         self._columns = (io.get("image_column") or "image", io.get("id_column"))
         self._max_bytes = max_bytes
@@ -150,7 +150,7 @@ class SourceReader:
         return _item_bytes(raw)
 
     def _file(self, uri: str) -> bytes | str:
-        fs, path = filesystem(uri, self.storage_options)
+        fs, path = open_output(uri, self.storage_options)
         size = fs.size(path) if self.max_bytes is not None else None
         if size is not None and size > self.max_bytes:
             return f"{uri} has {size} bytes (limit {self.max_bytes})"

@@ -13,10 +13,8 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, TypeVar
-
-from schemas.io import open_output
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,11 +88,6 @@ def retry(
                         what, attempt, attempts, type(exc).__name__, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
-
-
-def filesystem(uri: str, storage_options: Mapping | None = None) -> tuple[Any, str]:
-    """``(fsspec filesystem, root path)`` for a URI."""
-    return open_output(uri, storage_options)
 
 
 def is_local(fs: Any) -> bool:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import resource
 import threading
 import time
 from collections import deque
@@ -34,16 +33,19 @@ from typing import Any
 
 from PIL import Image
 
+from schemas.io import open_output
+
 from .config import ComputeConfig, EngineSpec, IOConfig
 from .decode import DecodedImage, decode_image, max_encoded_bytes
 from .encode import failure_row, result_to_row
 from .engine import build_engine, choose_device, set_engine_vocabulary
 from .lease import check_holder
+from .memory import peak_rss_bytes
+from .progress import ShardCounts, shard_counts
 from .readers import RawImage, iter_raw_images
 from .record import weight_differences
 from .shards import ShardSpec
 from .spool import RowSpool, remove_stale_spools
-from .storage import filesystem
 from .writer import write_shard
 
 Item = tuple[RawImage, DecodedImage]
@@ -107,13 +109,13 @@ class LabelWorker:
         self.engine = build_engine(spec.engine, self.device)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(spec.compute.decode_threads, "cass-decode")
-        self._in_fs, _ = filesystem(spec.io.input_uri, spec.io.storage_options)
-        self._out_fs, self._out_root = filesystem(spec.io.output_uri, spec.io.storage_options)
+        self._in_fs, _ = open_output(spec.io.input_uri, spec.io.storage_options)
+        self._out_fs, self._out_root = open_output(spec.io.output_uri, spec.io.storage_options)
         self._run_metadata = dict(spec.run_metadata)
         remove_stale_spools()  # left by workers killed mid-shard on this node
         self.engine_seconds = 0.0
         self._fault_streak = 0  # images in a row that failed alone, not about the image
-        self._live: dict[str, int] = {}
+        self._live: dict[str, ShardCounts] = {}
         self._beats: dict[str, int] = {}
         self._live_lock = threading.Lock()
         if text_embeddings is not None:
@@ -156,16 +158,24 @@ class LabelWorker:
             set_engine_vocabulary(self.engine, self.spec.engine, text_embeddings)
         return True
 
-    def progress(self) -> tuple[int, dict[str, int]]:
-        """Images labelled so far in the shards in progress, and ``{shard_id: counter}`` of
-        those shards: a counter moves whenever its shard makes progress (started, an image
-        finished, writing started), so a driver that sees it stand still knows it is stuck."""
+    def progress(self) -> dict[str, dict]:
+        """``{shard_id: {"images", "expected", "beat"}}`` of the shards in progress: images
+        labelled so far, the shard's estimated image count (None: not known yet), and a
+        counter that moves whenever the shard makes progress (started, an image finished,
+        writing started), so a driver that sees it stand still knows it is stuck. Counted
+        in memory as images finish; the driver asks every few seconds."""
         with self._live_lock:
-            return sum(self._live.values()), dict(self._beats)
+            out = {}
+            for shard_id, beat in self._beats.items():
+                counts = self._live.get(shard_id)
+                images = counts.images if counts else 0
+                out[shard_id] = {"images": images, "beat": beat,
+                                 "expected": counts.expected() if counts else None}
+            return out
 
     def peak_memory_bytes(self) -> int:
         """Peak resident memory of this process."""
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak_rss_bytes()
 
     # ------------------------------------------------------------------ work
     def process_shard(self, shard: ShardSpec, max_images: int | None = None,
@@ -188,9 +198,11 @@ class LabelWorker:
         started = time.monotonic()
         engine_before = self.engine_seconds
         self._beat(shard.shard_id)
-        items = iter_raw_images(shard, self._in_fs, self.spec.io.image_column,
-                                self.spec.io.id_column,
-                                max_encoded_bytes(self.spec.io.max_image_pixels))
+        counts = self._live.setdefault(shard.shard_id, shard_counts(shard, self._in_fs,
+                                                                    max_images))
+        items = counts.count(iter_raw_images(shard, self._in_fs, self.spec.io.image_column,
+                                             self.spec.io.id_column,
+                                             max_encoded_bytes(self.spec.io.max_image_pixels)))
         if max_images is not None:
             items = islice(items, max_images + 1)
         spool = RowSpool(self._run_metadata)
@@ -202,7 +214,7 @@ class LabelWorker:
                     break
                 spool.add(row)
             rows = spool.close()
-            self._live.pop(shard.shard_id, None)
+            counts.known = counts.images
             self._beat(shard.shard_id)
             extra = {"source_uri": shard.source_uri, "fingerprint": self.spec.fingerprint,
                      "input_fingerprint": shard.fingerprint, "truncated": truncated,
@@ -244,7 +256,7 @@ class LabelWorker:
         decoded = _ordered_map(self._pool, self._load_and_decode, items,
                                compute.batch_size * compute.prefetch_batches)
         pending: deque[Future] = deque()
-        self._live[shard_id] = 0
+        self._live.setdefault(shard_id, ShardCounts())
         for batch in _batched(decoded, compute.batch_size):
             for future in self._label_batch(shard_id, batch, isolate):
                 future.add_done_callback(lambda _, sid=shard_id: self._count_row(sid))
@@ -257,7 +269,7 @@ class LabelWorker:
     def _count_row(self, shard_id: str) -> None:
         with self._live_lock:
             if shard_id in self._live:
-                self._live[shard_id] += 1
+                self._live[shard_id].images += 1
             if shard_id in self._beats:
                 self._beats[shard_id] += 1
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ import pyarrow.parquet as pq
 from schemas import rows_to_table
 from schemas.completion import labels_object_name, record_labels_name
 from schemas.io import done_path
+from schemas.times import utc_timestamp
 
 from .conditional import PreconditionFailed, create_object, read_object
 from .spool import SpooledTable
@@ -87,7 +87,7 @@ def write_shard(fs: Any, root: str, shard_id: str, rows: Sequence[Mapping] | Spo
     record = {
         "shard_id": shard_id, **counts, "labels": name, "bytes": size, "sha256": digest,
         "run_id": run_id, "attempt": attempt,
-        "written_at": _now(), **extra,
+        "written_at": utc_timestamp(), **extra,
     }
     return certify(fs, root, record, before_certify)
 
@@ -126,6 +126,3 @@ def _existing(fs: Any, root: str, shard_id: str) -> dict | None:
     except ValueError:
         return None
 
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

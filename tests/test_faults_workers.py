@@ -34,7 +34,8 @@ from ray.exceptions import ActorUnavailableError
 
 from cass_engine import CassConfig
 from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig, OutputPolicy
-from pipeline.runner import Scheduler, run_job
+from pipeline.runner import run_job
+from pipeline.scheduler import Scheduler
 from pipeline.shards import ShardSpec
 from pipeline.storage import StorageError
 from pipeline.stub import StubOptions
@@ -121,7 +122,7 @@ def test_transient_engine_faults_are_retried_and_bad_images_isolated(ray_cpus, t
 
 
 # ---------------------------------------------------------------------- zombies
-def test_unreachable_worker_is_killed_before_its_shards_run_again(monkeypatch):
+def test_unreachable_worker_is_killed_before_its_shards_run_again():
     events: list[tuple] = []
 
     class Actor:
@@ -148,27 +149,28 @@ def test_unreachable_worker_is_killed_before_its_shards_run_again(monkeypatch):
     progress = SimpleNamespace(shards_done=0, shard_retried=lambda *a: None,
                                shard_done=lambda record: None, emit=lambda line: None)
     scheduler = Scheduler(Pool(), plan, progress)
-    scheduler._submit()
-    zombie_refs = [ref for ref, run in scheduler.running.items() if run.slot == 0]
+    scheduler.submit()
+    zombie_refs = [launch.ref for launch in scheduler.in_flight() if launch.slot == 0]
 
-    def get(ref):
+    def outcome(ref):
         if ref[0] == 0:
-            raise ActorUnavailableError("The task may or may not have been executed", None)
+            return ActorUnavailableError("The task may or may not have been executed", None)
         return {"num_images": 1}
 
-    monkeypatch.setattr(ray, "get", get)
-    scheduler._collect(zombie_refs[0])
+    scheduler.on_result(zombie_refs[0], outcome(zombie_refs[0]))
     kill = events.index(("kill", 0))
-    assert not any(run.slot == 0 for run in scheduler.running.values())  # both taken back
-    assert scheduler.lost == 1 and len(scheduler.retries) == 2
-    for ref in [r for r, run in scheduler.running.items() if run.slot == 1]:
-        scheduler._collect(ref)  # the survivor finishes its shards ...
-        scheduler._submit()      # ... and takes the retries, one at a time, never slot 0
-        live = [run.task.shard.shard_id for run in scheduler.running.values()]
+    assert not any(launch.slot == 0 for launch in scheduler.in_flight())  # both taken back
+    assert scheduler.lost == 1 and scheduler.retrying() == [r[1] for r in zombie_refs]
+    assert all(scheduler.attempts(r[1]) == 1 for r in zombie_refs)
+    for ref in [launch.ref for launch in scheduler.in_flight() if launch.slot == 1]:
+        scheduler.on_result(ref, outcome(ref))  # the survivor finishes its shards ...
+        scheduler.submit()  # ... and takes the retries, one at a time, never slot 0
+        live = [launch.shard_id for launch in scheduler.in_flight()]
         assert len(live) == len(set(live))
-    while scheduler.running:
-        scheduler._collect(next(iter(scheduler.running)))
-        scheduler._submit()
+    while scheduler.in_flight():
+        ref = scheduler.in_flight()[0].ref
+        scheduler.on_result(ref, outcome(ref))
+        scheduler.submit()
     relaunched = [e for e in events[kill:] if e[0] == "launch"]
     retried = {e[2] for e in events[:kill] if e[0] == "launch" and e[1] == 0}
     assert {e[2] for e in relaunched} == retried and all(e[1] == 1 for e in relaunched)
@@ -194,9 +196,10 @@ def test_pending_workers_get_no_shard_and_the_run_gives_up_when_none_can_be_plac
                                shard_failed=lambda shard_id, reason: failed.append(shard_id))
     scheduler = Scheduler(Pool(), plan, progress)
     assert scheduler.max_replacements == 2 * 2 * 3 + 7  # grows with the finished shards
-    scheduler._submit()
-    assert not scheduler.running  # a worker that has not answered holds no shard
-    scheduler._check_pending()
+    scheduler.submit()
+    assert not scheduler.in_flight()  # a worker that has not answered holds no shard
+    assert scheduler.live_workers() == [] and scheduler.queued() == ["s0", "s1", "s2"]
+    scheduler.check_workers()
     assert failed == ["s0", "s1", "s2"]
     assert "no worker could be placed within 1 s" in scheduler.failed[0]["reasons"][-1]
 

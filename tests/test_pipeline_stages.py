@@ -149,7 +149,7 @@ def test_tar_member_names_never_become_paths(tmp_path, monkeypatch):
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
     before = sorted(p for p in tmp_path.rglob("*"))
-    fs, _ = storage.filesystem(str(shard_file))
+    fs, _ = open_output(str(shard_file))
     shard = ShardSpec("shard", "webdataset", (str(shard_file),), (), str(shard_file), "fp")
     items = list(iter_raw_images(shard, fs))
     assert [i.key for i in items] == ["../../evil", "/abs/x", "dir/ok"]
@@ -162,7 +162,7 @@ def test_damaged_archives_yield_an_error_item(tmp_path):
     good = tar_bytes({f"{i}.png": encode(photo("coins", 32)) for i in range(3)})
     (tmp_path / "cut.tar").write_bytes(good[: len(good) // 2])
     (tmp_path / "junk.tar").write_bytes(b"not a tar file" * 100)
-    fs, _ = storage.filesystem(str(tmp_path))
+    fs, _ = open_output(str(tmp_path))
     for name, min_good in (("cut.tar", 1), ("junk.tar", 0)):
         shard = ShardSpec(name, "webdataset", (str(tmp_path / name),), (), name, "fp")
         items = list(iter_raw_images(shard, fs))
@@ -176,7 +176,7 @@ def test_parquet_reader_binary_struct_and_ids(tmp_path):
     pq.write_table(table, tmp_path / "p.parquet")
     hf = pa.table({"image": [{"bytes": png, "path": "a.png"}]})
     pq.write_table(hf, tmp_path / "hf.parquet")
-    fs, _ = storage.filesystem(str(tmp_path))
+    fs, _ = open_output(str(tmp_path))
     shard = ShardSpec("p", "parquet", (str(tmp_path / "p.parquet"),), (), "p", "fp")
     items = list(iter_raw_images(shard, fs, "img", "name"))
     assert [(i.key, len(i.data)) for i in items] == [("x", len(png)), ("y", 0), ("z", len(png))]
@@ -709,46 +709,50 @@ def test_progress_lines_count_images_and_do_not_repeat_on_force():
 def test_waiting_retry_gets_a_worker_before_the_fresh_shards_run_out():
     from types import SimpleNamespace
 
-    from pipeline.runner import Scheduler, _Task
+    from ray.exceptions import RayError
+
+    from pipeline.scheduler import Scheduler
 
     class Actor:
         def __init__(self, slot: int) -> None:
             self.process_shard = SimpleNamespace(
-                remote=lambda shard, cap, attempt, slot=slot: (slot, shard.shard_id))
+                remote=lambda shard, cap, attempt, slot=slot: (slot, shard.shard_id, attempt))
 
     spec = lambda i: ShardSpec(f"s{i}", "webdataset", (f"s{i}.tar",), (), "u", "fp")  # noqa: E731
     plan = SimpleNamespace(todo=[spec(i) for i in range(20)],
                            job=SimpleNamespace(compute=ComputeConfig(), io=IOConfig("i", "o")))
     pool = SimpleNamespace(actors=[Actor(0), Actor(1)], generation=[0, 0], ready=[True, True])
-    scheduler = Scheduler(pool, plan, progress=None)
-    scheduler._submit()
-    assert scheduler.load == [2, 2] and len(scheduler.fresh) == 16
+    progress = SimpleNamespace(shards_done=0, shard_done=lambda record: None,
+                               shard_retried=lambda shard_id, reason: None)
+    scheduler = Scheduler(pool, plan, progress)
+    scheduler.submit()
+    assert [scheduler.load(0), scheduler.load(1)] == [2, 2] and len(scheduler.queued()) == 16
 
-    def finish(slot: int) -> None:  # one shard of this worker completes
-        ref = next(r for r, run in scheduler.running.items() if run.slot == slot)
-        scheduler.running.pop(ref)
-        scheduler.load[slot] -= 1
-        scheduler.solo.discard(slot)
+    def finish(slot: int, outcome: object = None) -> None:  # one shard of this worker ends
+        ref = next(launch.ref for launch in scheduler.in_flight() if launch.slot == slot)
+        scheduler.on_result(ref, outcome or {"num_images": 1})
 
-    scheduler.retries.append(_Task(spec(99), attempt=1))
-    finish(1)
-    scheduler._submit()  # the retry is waiting: one worker stops taking fresh shards
+    failing = next(launch for launch in scheduler.in_flight() if launch.slot == 1)
+    finish(1, RayError("the task raised"))  # this shard waits for a retry
+    assert scheduler.retrying() == [failing.shard_id]
+    assert scheduler.attempts(failing.shard_id) == 1
+    scheduler.submit()  # the retry is waiting: one worker stops taking fresh shards
     drained = scheduler.draining
-    assert drained is not None and len(scheduler.fresh) == 16 - (drained == 0)
-    for _ in range(scheduler.load[drained]):  # its shards in flight finish, no new ones
-        assert len(scheduler.fresh) == 16 - (drained == 0) and scheduler.retries
+    assert drained is not None and len(scheduler.queued()) == 16 - (drained == 0)
+    for _ in range(scheduler.load(drained)):  # its shards in flight finish, no new ones
+        assert len(scheduler.queued()) == 16 - (drained == 0) and scheduler.retrying()
         finish(drained)
-        scheduler._submit()
-    running = [run.task.shard.shard_id for run in scheduler.running.values()
-               if run.slot == drained]
-    assert running == ["s99"] and drained in scheduler.solo and scheduler.fresh
-    assert scheduler.draining is None
+        scheduler.submit()
+    running = [(launch.shard_id, launch.attempt) for launch in scheduler.in_flight()
+               if launch.slot == drained]
+    assert running == [(failing.shard_id, 1)] and scheduler.runs_alone(drained)
+    assert scheduler.queued() and scheduler.draining is None
 
 
 def test_limit_budget_is_shared_by_the_shards_that_start_together():
     from types import SimpleNamespace
 
-    from pipeline.runner import Scheduler
+    from pipeline.scheduler import Scheduler
 
     class Actor:
         process_shard = SimpleNamespace(remote=lambda shard, cap, launch: object())
@@ -760,9 +764,9 @@ def test_limit_budget_is_shared_by_the_shards_that_start_together():
     scheduler = Scheduler(SimpleNamespace(actors=[Actor(), Actor()], generation=[0, 0],
                                           ready=[True, True]),
                           plan, progress=None)
-    scheduler._submit()
-    caps = sorted(run.cap for run in scheduler.running.values())
-    assert caps == [1, 1, 1, 2] and scheduler.budget == 0 and len(scheduler.fresh) == 5
+    scheduler.submit()
+    caps = sorted(launch.cap for launch in scheduler.in_flight())
+    assert caps == [1, 1, 1, 2] and scheduler.budget_left == 0 and len(scheduler.queued()) == 5
 
 
 def test_job_logs_library_errors_as_one_line():

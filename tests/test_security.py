@@ -504,16 +504,16 @@ def test_parquet_duplicate_and_null_ids_get_unique_image_ids(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline import storage
     from pipeline.decode import DecodedImage
     from pipeline.encode import failure_row
     from pipeline.readers import iter_raw_images
     from pipeline.shards import ShardSpec
+    from schemas.io import open_output
 
     ids = ["a", "a", None, "00000002", "a~1", "b", None, "a"]
     table = pa.table({"image": [b"x"] * len(ids), "name": ids})
     pq.write_table(table, tmp_path / "p.parquet", row_group_size=3)
-    fs, _ = storage.filesystem(str(tmp_path))
+    fs, _ = open_output(str(tmp_path))
     shard = ShardSpec("p", "parquet", (str(tmp_path / "p.parquet"),), (), "p", "fp")
 
     def rows() -> list[dict]:

@@ -15,7 +15,6 @@ Files written to ``DIR`` (any fsspec URI):
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ from pipeline.audit.predictions import open_labels
 from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.source_images import SourceRef, read_sources
 from schemas.io import iter_label_rows, open_output, output_provenance, read_run_record
+from schemas.times import utc_timestamp
 from schemas.uris import public_uri
 
 from .client import LabelStudioClient, LabelStudioError
@@ -261,7 +261,7 @@ def _write_files(config: ReviewConfig, categories, items: list[Ranked], tasks: l
 def _batch_record(config: ReviewConfig, sent: list[Ranked], project: dict | None,
                   random_weights: int | None) -> dict:
     return {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": utc_timestamp(),
         "labels": public_uri(config.labels), "random_weights": random_weights,
         "by": config.by, "seed": config.seed, "top": config.top,
         "image_ids": [i.image_id for i in sent],
