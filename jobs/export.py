@@ -33,7 +33,7 @@ from pipeline.exports import (
     write_side_files,
 )
 from schemas.confidence import resolve_levels
-from schemas.io import iter_label_rows, open_output
+from schemas.io import iter_label_rows, open_uri
 from schemas.uris import public_text, public_uri
 
 EXIT_INPUT_ERROR = 2
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _thresholds(uri: str | None, storage_options: dict) -> dict | None:
     if uri is None:
         return None
-    fs, path = open_output(uri, storage_options)
+    fs, path = open_uri(uri, storage_options)
     try:
         with fs.open(path, "rb") as f:
             return json.loads(f.read().decode("utf-8"))
@@ -103,7 +103,7 @@ def _coco(labels: str, out: str, options: ExportOptions) -> ExportSummary:
                                columns=["image_id", "status", "error"]):
         if row["status"] != "ok":
             summary.error_rows.append((row["image_id"], f"{row['status']}: {row['error']}"))
-    fs, root = open_output(out, options.storage_options)
+    fs, root = open_uri(out, options.storage_options)
     write_side_files(fs, root, provenance, summary, options, classes_txt=True)
     return summary
 

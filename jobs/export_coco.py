@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pipeline.config import storage_options_argument
 from pipeline.storage import is_local
 from schemas import write_coco_json
-from schemas.io import iter_label_rows, open_output, output_provenance
+from schemas.io import iter_label_rows, open_uri, output_provenance
 from schemas.uris import public_text
 
 COCO_COLUMNS = ("image_id", "source_uri", "key", "width", "height", "status", "annotations")
@@ -40,7 +40,7 @@ def export(labels_uri: str, out_uri: str, storage_options: dict | None = None) -
     categories = provenance.pop("categories")
     info = {"description": "CASS pseudo-labels", **provenance}
     rows = iter_label_rows(labels_uri, storage_options, columns=COCO_COLUMNS)
-    fs, path = open_output(out_uri, storage_options)
+    fs, path = open_uri(out_uri, storage_options)
     partial = f"{path}.partial"  # the file appears whole or not at all
     if is_local(fs):
         fs.makedirs(fs._parent(path), exist_ok=True)

@@ -156,9 +156,9 @@ class LabelDataset:
 def _read_json(uri: str, storage_options: Mapping) -> dict:
     import json
 
-    from schemas.io import open_output
+    from schemas.io import open_uri
 
     from .storage import read_bytes
 
-    fs, path = open_output(uri, storage_options)
+    fs, path = open_uri(uri, storage_options)
     return json.loads(read_bytes(fs, path).decode("utf-8"))

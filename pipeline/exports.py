@@ -34,7 +34,7 @@ from schemas.confidence import IGNORE_LABEL, apply_ignore, decode_levels
 from schemas.io import (
     categories_document,
     iter_file_rows,
-    open_output,
+    open_uri,
     output_provenance,
 )
 from schemas.labels import STATUS_OK
@@ -149,7 +149,7 @@ def prepare(labels_uri: str, out_uri: str, options: ExportOptions) -> dict:
         raise ExportError(f"labels {labels_uri} have no categories")
     if num > IGNORE_LABEL:
         raise ExportError(f"{num} classes do not fit 8-bit label maps with 255 = ignore")
-    fs, root = open_output(out_uri, options.storage_options)
+    fs, root = open_uri(out_uri, options.storage_options)
     if fs.exists(root) and (not fs.isdir(root) or fs.ls(root)):
         raise ExportError(f"export directory {out_uri} exists and is not empty")
     if is_local(fs):
@@ -199,7 +199,7 @@ def _account(summary: ExportSummary, row: Mapping, levels: np.ndarray) -> None:
 def export_png(labels_uri: str, out_uri: str, options: ExportOptions) -> ExportSummary:
     """Write the ``png`` export (see module docstring)."""
     provenance = prepare(labels_uri, out_uri, options)
-    out_fs, root = open_output(out_uri, options.storage_options)
+    out_fs, root = open_uri(out_uri, options.storage_options)
     summary = ExportSummary("png", out_uri)
     fs, files = label_files(labels_uri, options.storage_options)
     progress = _progress(files, fs, options, "png")
@@ -265,7 +265,7 @@ def hf_image_bytes(item: SourceItem) -> tuple[bytes, str]:
 def export_hf(labels_uri: str, out_uri: str, options: ExportOptions) -> ExportSummary:
     """Write the ``hf`` export (see module docstring)."""
     provenance = prepare(labels_uri, out_uri, options)
-    out_fs, root = open_output(out_uri, options.storage_options)
+    out_fs, root = open_uri(out_uri, options.storage_options)
     summary = ExportSummary("hf", out_uri)
     fs, files = label_files(labels_uri, options.storage_options)
     progress = _progress(files, fs, options, "hf")

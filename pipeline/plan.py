@@ -22,7 +22,7 @@ from typing import Any
 
 from schemas import Category, categories_from_classes, run_metadata
 from schemas.completion import OutputCheck, check_output, read_records, record_labels_name
-from schemas.io import done_path, open_output
+from schemas.io import done_path, open_uri
 from schemas.times import utc_compact, utc_timestamp
 from schemas.uris import public_uri
 
@@ -222,11 +222,11 @@ def _list_input(io: IOConfig) -> list[ShardSpec]:
 
 
 def _in_fs(io: IOConfig) -> Any:
-    return open_output(io.input_uri, io.storage_options)[0]
+    return open_uri(io.input_uri, io.storage_options)[0]
 
 
 def _output(io: IOConfig) -> tuple[Any, str]:
-    return _guarded(lambda: open_output(io.output_uri, io.storage_options), "open the output",
+    return _guarded(lambda: open_uri(io.output_uri, io.storage_options), "open the output",
                     io.output_uri)
 
 

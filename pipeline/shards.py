@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.io import open_output
+from schemas.io import open_uri
 
 from .config import IOConfig
 from .storage import retry, uri_of
@@ -62,7 +62,7 @@ def list_shards(io: IOConfig) -> list[ShardSpec]:
         InputError: missing input, nothing to label, or mixed formats with ``auto``.
         PermissionError: credentials rejected by the store.
     """
-    fs, root = open_output(io.input_uri, io.storage_options)
+    fs, root = open_uri(io.input_uri, io.storage_options)
     files, versions = _list_files(fs, root, io.input_uri)
     kind = _detect_kind(files, io.input_format, io.input_uri)
     chosen = sorted(p for p in files if p.lower().endswith(_extensions(kind)))

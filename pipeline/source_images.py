@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from schemas.io import iter_file_rows, list_label_files, open_output, read_run_record
+from schemas.io import iter_file_rows, list_label_files, open_uri, read_run_record
 from schemas.labels import STATUS_OK, make_image_id
 
 from .decode import decode_image, max_encoded_bytes
@@ -88,7 +88,7 @@ class _ShardCursor:
     def __init__(self, uri: str, shard_id: str, io: Mapping, storage_options: Mapping | None,
                  max_bytes: int | None) -> None:
         self.uri, self.shard_id = uri, shard_id
-        self._fs, path = open_output(uri, storage_options)
+        self._fs, path = open_uri(uri, storage_options)
         self._spec = ShardSpec(shard_id, source_kind(uri), (path,), (), uri, "")
         self._columns = (io.get("image_column") or "image", io.get("id_column"))
         self._max_bytes = max_bytes
@@ -150,7 +150,7 @@ class SourceReader:
         return _item_bytes(raw)
 
     def _file(self, uri: str) -> bytes | str:
-        fs, path = open_output(uri, self.storage_options)
+        fs, path = open_uri(uri, self.storage_options)
         size = fs.size(path) if self.max_bytes is not None else None
         if size is not None and size > self.max_bytes:
             return f"{uri} has {size} bytes (limit {self.max_bytes})"
@@ -295,7 +295,7 @@ class SourceJoin:
 def label_files(output_uri: str, storage_options: Mapping | None = None
                 ) -> tuple[Any, list[str]]:
     """The output filesystem and its completed label files (one helper for every reader)."""
-    fs, _ = open_output(output_uri, storage_options)
+    fs, _ = open_uri(output_uri, storage_options)
     return fs, list_label_files(output_uri, storage_options)
 
 

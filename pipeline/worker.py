@@ -33,7 +33,7 @@ from typing import Any
 
 from PIL import Image
 
-from schemas.io import open_output
+from schemas.io import open_uri
 
 from .config import ComputeConfig, EngineSpec, IOConfig
 from .decode import DecodedImage, decode_image, max_encoded_bytes
@@ -109,8 +109,8 @@ class LabelWorker:
         self.engine = build_engine(spec.engine, self.device)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(spec.compute.decode_threads, "cass-decode")
-        self._in_fs, _ = open_output(spec.io.input_uri, spec.io.storage_options)
-        self._out_fs, self._out_root = open_output(spec.io.output_uri, spec.io.storage_options)
+        self._in_fs, _ = open_uri(spec.io.input_uri, spec.io.storage_options)
+        self._out_fs, self._out_root = open_uri(spec.io.output_uri, spec.io.storage_options)
         self._run_metadata = dict(spec.run_metadata)
         remove_stale_spools()  # left by workers killed mid-shard on this node
         self.engine_seconds = 0.0

@@ -34,8 +34,9 @@ LABELS_SUFFIX = ".parquet"
 DONE_SUFFIX = ".json"
 
 
-def open_output(uri: str, storage_options: Mapping | None = None) -> tuple[Any, str]:
-    """The fsspec filesystem and root path of an output or input URI."""
+def open_uri(uri: str, storage_options: Mapping | None = None) -> tuple[Any, str]:
+    """The fsspec filesystem and path of any URI (output, input, report, weights): the one
+    opener of the product, with trailing slashes removed."""
     from fsspec.core import url_to_fs
 
     fs, root = url_to_fs(uri, **dict(storage_options or {}))
@@ -75,7 +76,7 @@ def read_label_table(
     """
     path = uri_or_path
     if filesystem is None:
-        filesystem, path = open_output(uri_or_path, storage_options)
+        filesystem, path = open_uri(uri_or_path, storage_options)
     with filesystem.open(path, "rb") as f:
         table = pq.read_table(f, columns=list(columns) if columns else None)
     return table, parse_run_metadata(table.schema.metadata)
@@ -83,7 +84,7 @@ def read_label_table(
 
 def completed_shards(output_uri: str, storage_options: Mapping | None = None) -> list[str]:
     """Sorted shard ids that have a completion record."""
-    fs, root = open_output(output_uri, storage_options)
+    fs, root = open_uri(output_uri, storage_options)
     return _ids_in(fs, f"{root}/{DONE_DIR}", DONE_SUFFIX)
 
 
@@ -101,7 +102,7 @@ def list_label_files(
     """
     from .completion import certified_labels
 
-    fs, root = open_output(output_uri, storage_options)
+    fs, root = open_uri(output_uri, storage_options)
     if completed_only:
         fingerprint = _record_fingerprint(fs, root)
         return [c.path for c in certified_labels(fs, root, fingerprint)]
@@ -132,7 +133,7 @@ def iter_label_rows(
     Memory is bounded by one record batch of ``batch_size`` rows (plus Parquet read buffers).
     Columns a file lacks (``confidence`` in schema 1.0 files) are ``None``.
     """
-    fs, _ = open_output(output_uri, storage_options)
+    fs, _ = open_uri(output_uri, storage_options)
     for path in list_label_files(output_uri, storage_options, completed_only):
         yield from iter_file_rows(fs, path, columns, batch_size)
 
@@ -194,7 +195,7 @@ def output_provenance(output_uri: str, storage_options: Mapping | None = None) -
         files = list_label_files(output_uri, storage_options)
         if not files:
             raise
-        fs, _ = open_output(output_uri, storage_options)
+        fs, _ = open_uri(output_uri, storage_options)
         with fs.open(files[0], "rb") as f:
             meta = parse_run_metadata(pq.ParquetFile(f).schema_arrow.metadata)
         record = {**meta["run"], "categories": [c.to_dict() for c in meta["categories"]],
@@ -217,7 +218,7 @@ def read_run_record(output_uri: str, storage_options: Mapping | None = None) -> 
     Raises:
         FileNotFoundError: the output has no run record.
     """
-    fs, root = open_output(output_uri, storage_options)
+    fs, root = open_uri(output_uri, storage_options)
     path = run_record_path(root)
     if not fs.exists(path):
         raise FileNotFoundError(f"no run record at {output_uri.rstrip('/')}/{RUN_RECORD}")

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
-from schemas.io import done_path, labels_path, open_output, run_record_path
+from schemas.io import done_path, labels_path, open_uri, run_record_path
 from schemas.labels import (
     categories_from_classes,
     error_row,
@@ -48,7 +48,7 @@ def write_labels_output(uri: str, shards: Mapping[str, Sequence[dict]],
     """Write one label table per shard, completion records and ``run.json``."""
     categories = categories_from_classes(classes)
     meta = run_metadata(categories, "fixture-vocabulary-hash")
-    fs, root = open_output(uri, storage_options)
+    fs, root = open_uri(uri, storage_options)
     for sub in ("labels", "_done"):
         fs.makedirs(f"{root}/{sub}", exist_ok=True)
     for shard_id, rows in shards.items():

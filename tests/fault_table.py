@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 import pyarrow.parquet as pq
 
 from schemas.completion import check_output
-from schemas.io import iter_label_rows, open_output, read_run_record
+from schemas.io import iter_label_rows, open_uri, read_run_record
 
 COLUMNS = ("fault", "runs", "images", "lost", "duplicated", "outcome")
 
@@ -35,7 +35,7 @@ def audit_output(output_uri: str, storage_options: Mapping | None,
         exactly the certified rows).
     """
     expected = set(expected_ids)
-    fs, root = open_output(output_uri, storage_options)
+    fs, root = open_uri(output_uri, storage_options)
     record = read_run_record(output_uri, storage_options)
     check = check_output(fs, root, record.get("fingerprint"))
     seen: Counter = Counter()

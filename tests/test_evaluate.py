@@ -76,7 +76,7 @@ def test_engine_random_weights_to_parquet_to_audit(tmp_path):
     from skimage import data
 
     from schemas import categories_from_classes, run_metadata
-    from schemas.io import open_output
+    from schemas.io import open_uri
 
     vocab = engine.parse_vocabulary("background, sky\ncat\ndog\n")
     config = engine.CassConfig.from_preset("voc21", short_side=112)  # small: a smoke run
@@ -95,7 +95,7 @@ def test_engine_random_weights_to_parquet_to_audit(tmp_path):
     for item, dec, res in zip(items, decoded, results, strict=True):
         rows.append(result_to_row("shard-0", item, dec, res, vocab.num_classes))
     meta = run_metadata(categories_from_classes(vocab.classes), vocab.content_hash())
-    fs, root = open_output(str(tmp_path / "out"))
+    fs, root = open_uri(str(tmp_path / "out"))
     write_shard(fs, root, "shard-0", rows, meta, {})
     # ground truth: image 0 is labelled exactly as predicted, image 1 all "dog"
     gt = tmp_path / "gt"

@@ -40,7 +40,7 @@ from pipeline.runner import run_job
 from pipeline.stub import StubOptions
 from pipeline.worker import LabelWorker, WorkerSpec
 from schemas.completion import OutputIntegrityError, check_output
-from schemas.io import list_label_files, open_output, read_run_record
+from schemas.io import list_label_files, open_uri, read_run_record
 
 
 # ---------------------------------------------------------------------- helpers
@@ -86,12 +86,12 @@ def store(request, tmp_path):
     ignores ``ifGenerationMatch``, so it cannot show a conditional create failing; gcsfs maps
     real GCS's 412 to ``FileExistsError``, which :mod:`pipeline.conditional` handles.)"""
     if request.param == "memory":
-        yield open_output(f"memory://lease-{time.monotonic_ns()}")
+        yield open_uri(f"memory://lease-{time.monotonic_ns()}")
     elif request.param == "local":
-        yield open_output(str(tmp_path / "out"))
+        yield open_uri(str(tmp_path / "out"))
     else:
         server = request.getfixturevalue(f"{request.param}_server")
-        yield open_output(f"{request.param}://{server.new_bucket()}/out",
+        yield open_uri(f"{request.param}://{server.new_bucket()}/out",
                           server.storage_options)
 
 
@@ -116,7 +116,7 @@ def test_local_create_stays_exclusive_without_hard_links(tmp_path, monkeypatch):
         raise OSError(errno.EPERM, "hard links not supported")
 
     monkeypatch.setattr(os, "link", no_links)
-    fs, root = open_output(str(tmp_path / "out"))
+    fs, root = open_uri(str(tmp_path / "out"))
     create_object(fs, f"{root}/x.json", b"first")
     with pytest.raises(PreconditionFailed):
         create_object(fs, f"{root}/x.json", b"second")
@@ -125,9 +125,9 @@ def test_local_create_stays_exclusive_without_hard_links(tmp_path, monkeypatch):
 
 
 def test_stores_that_ignore_conditional_writes_are_detected(s3_server, gcs_server):
-    fs, root = open_output(f"s3://{s3_server.new_bucket()}/out", s3_server.storage_options)
+    fs, root = open_uri(f"s3://{s3_server.new_bucket()}/out", s3_server.storage_options)
     assert honours_conditional_create(fs, root)
-    gcs, groot = open_output(f"gs://{gcs_server.new_bucket()}/out", gcs_server.storage_options)
+    gcs, groot = open_uri(f"gs://{gcs_server.new_bucket()}/out", gcs_server.storage_options)
     assert not honours_conditional_create(gcs, groot)  # the emulator ignores the condition
     fs.invalidate_cache()
     gcs.invalidate_cache()
@@ -177,10 +177,10 @@ def test_overlapping_runs_wait_or_are_refused_and_never_mix(ray_cpus, s3_server,
     first = threading.Thread(target=lambda: results.append(run_job(slow, emit=lambda _: None)))
     first.start()
     deadline = time.monotonic() + 120
-    while not _records(*open_output(output, s3_server.storage_options)):
+    while not _records(*open_uri(output, s3_server.storage_options)):
         assert time.monotonic() < deadline and first.is_alive(), "the first run did not start"
         time.sleep(0.2)
-    holder = read_holder(*open_output(output, s3_server.storage_options))
+    holder = read_holder(*open_uri(output, s3_server.storage_options))
     with pytest.raises(StartupError, match=f"being written by run {holder.run_id} "
                                            r"\(host .+, pid \d+, started "):
         plan_job(slow)  # same configuration: refused while the first run holds the lease
@@ -188,13 +188,13 @@ def test_overlapping_runs_wait_or_are_refused_and_never_mix(ray_cpus, s3_server,
     argv = ["--engine", "stub", "--vocab", str(other), "--input", f"s3://{bucket}/wds",
             "--output", output, "--storage-options", json.dumps(s3_server.storage_options),
             "--max-image-pixels", "1000000", "--overwrite"]
-    before = {sid: r["sha256"] for sid, r in _records(*open_output(
+    before = {sid: r["sha256"] for sid, r in _records(*open_uri(
         output, s3_server.storage_options)).items()}
     assert label_job.main(argv) == 2  # another configuration + --overwrite: refused too
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"run {holder.run_id} (host" in err
     assert "--wait-for-lease" in err
-    during = _records(*open_output(output, s3_server.storage_options))
+    during = _records(*open_uri(output, s3_server.storage_options))
     assert {sid: during[sid]["sha256"] for sid in before} == before  # nothing was cleared
     assert label_job.main(argv + ["--wait-for-lease", "120"]) == 0  # waits, then replaces
     first.join(timeout=60)
@@ -203,7 +203,7 @@ def test_overlapping_runs_wait_or_are_refused_and_never_mix(ray_cpus, s3_server,
     assert_exactly_once(audit)
     record = read_run_record(output, s3_server.storage_options)
     assert [c["name"] for c in record["categories"]] == ["cat", "dog", "grass"]
-    assert {r["fingerprint"] for r in _records(*open_output(
+    assert {r["fingerprint"] for r in _records(*open_uri(
         output, s3_server.storage_options)).values()} == {record["fingerprint"]}
     history = record["history"]
     assert [h["status"] for h in history] == ["complete", "complete"]
@@ -222,7 +222,7 @@ def test_late_writes_of_zombies_never_become_visible(ray_cpus, s3_server, vocab_
     output = f"s3://{bucket}/out"
     job = _job(f"s3://{bucket}/wds", output, vocab_file, s3_server)
     first = run_job(job, emit=lambda _: None)
-    out_fs, root = open_output(output, s3_server.storage_options)
+    out_fs, root = open_uri(output, s3_server.storage_options)
     certified = _records(out_fs, root)
     plan = plan_job(job)  # a second run holds the lease; everything is done
     assert not plan.todo
@@ -266,7 +266,7 @@ def test_deleted_and_truncated_labels_objects_are_relabelled_exactly(ray_cpus, s
     output = f"s3://{bucket}/out"
     job = _job(f"s3://{bucket}/wds", output, vocab_file, s3_server)
     first = run_job(job, emit=lambda _: None)
-    out_fs, root = open_output(output, s3_server.storage_options)
+    out_fs, root = open_uri(output, s3_server.storage_options)
     records = _records(out_fs, root)
     fs.rm(f"{root}/{records['shard-00']['labels']}")  # a lifecycle rule
     truncated = f"{root}/{records['shard-01']['labels']}"
@@ -337,7 +337,7 @@ def test_changed_input_is_refused_and_changes_nothing(ray_cpus, s3_server, vocab
     output = f"s3://{bucket}/out"
     job = _job(f"s3://{bucket}/wds", output, vocab_file, s3_server)
     run_job(job, emit=lambda _: None)
-    out_fs, root = open_output(output, s3_server.storage_options)
+    out_fs, root = open_uri(output, s3_server.storage_options)
     before = _snapshot(out_fs, root)
     narrower = dataclasses.replace(job, io=dataclasses.replace(
         job.io, input_uri=f"s3://{bucket}/wds/shard-0[01].tar"))
@@ -440,7 +440,7 @@ def test_cut_short_local_uploads_are_removed_or_listed_as_garbage(tmp_path, voca
     assert list((tmp_path / "out" / "labels").iterdir()) == []  # the half copy is gone
     stray = tmp_path / "out" / "labels" / f".{shard.shard_id}.r-0.parquet.1.2.partial"
     stray.write_bytes(b"left by a worker killed mid-copy")
-    check = check_output(*open_output(str(tmp_path / "out")))
+    check = check_output(*open_uri(str(tmp_path / "out")))
     assert check.uncertified == [str(stray)] and not check.certified
 
 
@@ -461,7 +461,7 @@ def test_an_unexpected_failure_after_planning_ends_the_run_and_frees_the_output(
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "failed" and record["history"][-1]["exit_code"] == 1
     assert "ConnectionError" in record["error"] and "pw" not in record["error"]
-    assert read_holder(*open_output(str(out))) is None  # a cron retry is not refused
+    assert read_holder(*open_uri(str(out))) is None  # a cron retry is not refused
 
 
 def test_a_run_that_loses_its_lease_stops_certifying(ray_cpus, s3_server, vocab_file):
@@ -472,7 +472,7 @@ def test_a_run_that_loses_its_lease_stops_certifying(ray_cpus, s3_server, vocab_
     job = _job(f"s3://{bucket}/wds", output, vocab_file, s3_server,
                StubOptions(seconds_per_image=0.3), OutputPolicy(lease_ttl_s=2.0), actors=1,
                shards_per_actor=1, max_attempts=2)
-    out_fs, root = open_output(output, s3_server.storage_options)
+    out_fs, root = open_uri(output, s3_server.storage_options)
     results: list = []
     runner = threading.Thread(target=lambda: results.append(run_job(job, emit=lambda _: None)))
     runner.start()

@@ -42,7 +42,7 @@ from pipeline.stub import StubOptions, stub_labels
 from pipeline.worker import LabelWorker, WorkerSpec
 from schemas import SCHEMA_VERSION, annotations_to_label_map
 from schemas.completion import certified_labels
-from schemas.io import open_output, read_label_table
+from schemas.io import open_uri, read_label_table
 from schemas.uris import redact
 
 LIMIT = 1_000_000
@@ -149,7 +149,7 @@ def test_tar_member_names_never_become_paths(tmp_path, monkeypatch):
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
     before = sorted(p for p in tmp_path.rglob("*"))
-    fs, _ = open_output(str(shard_file))
+    fs, _ = open_uri(str(shard_file))
     shard = ShardSpec("shard", "webdataset", (str(shard_file),), (), str(shard_file), "fp")
     items = list(iter_raw_images(shard, fs))
     assert [i.key for i in items] == ["../../evil", "/abs/x", "dir/ok"]
@@ -162,7 +162,7 @@ def test_damaged_archives_yield_an_error_item(tmp_path):
     good = tar_bytes({f"{i}.png": encode(photo("coins", 32)) for i in range(3)})
     (tmp_path / "cut.tar").write_bytes(good[: len(good) // 2])
     (tmp_path / "junk.tar").write_bytes(b"not a tar file" * 100)
-    fs, _ = open_output(str(tmp_path))
+    fs, _ = open_uri(str(tmp_path))
     for name, min_good in (("cut.tar", 1), ("junk.tar", 0)):
         shard = ShardSpec(name, "webdataset", (str(tmp_path / name),), (), name, "fp")
         items = list(iter_raw_images(shard, fs))
@@ -176,7 +176,7 @@ def test_parquet_reader_binary_struct_and_ids(tmp_path):
     pq.write_table(table, tmp_path / "p.parquet")
     hf = pa.table({"image": [{"bytes": png, "path": "a.png"}]})
     pq.write_table(hf, tmp_path / "hf.parquet")
-    fs, _ = open_output(str(tmp_path))
+    fs, _ = open_uri(str(tmp_path))
     shard = ShardSpec("p", "parquet", (str(tmp_path / "p.parquet"),), (), "p", "fp")
     items = list(iter_raw_images(shard, fs, "img", "name"))
     assert [(i.key, len(i.data)) for i in items] == [("x", len(png)), ("y", 0), ("z", len(png))]
@@ -211,7 +211,7 @@ def test_retry_transient_errors_then_succeed_and_permanent_fail_fast():
 # ---------------------------------------------------------------------- worker
 def _certified(out: Path, shard_id: str) -> str:
     """The labels object that the shard's completion record certifies."""
-    [found] = [c for c in certified_labels(*open_output(str(out))) if c.shard_id == shard_id]
+    [found] = [c for c in certified_labels(*open_uri(str(out))) if c.shard_id == shard_id]
     return found.path
 
 

@@ -508,12 +508,12 @@ def test_parquet_duplicate_and_null_ids_get_unique_image_ids(tmp_path):
     from pipeline.encode import failure_row
     from pipeline.readers import iter_raw_images
     from pipeline.shards import ShardSpec
-    from schemas.io import open_output
+    from schemas.io import open_uri
 
     ids = ["a", "a", None, "00000002", "a~1", "b", None, "a"]
     table = pa.table({"image": [b"x"] * len(ids), "name": ids})
     pq.write_table(table, tmp_path / "p.parquet", row_group_size=3)
-    fs, _ = open_output(str(tmp_path))
+    fs, _ = open_uri(str(tmp_path))
     shard = ShardSpec("p", "parquet", (str(tmp_path / "p.parquet"),), (), "p", "fp")
 
     def rows() -> list[dict]:

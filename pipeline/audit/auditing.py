@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from pipeline.source_images import run_io
 from schemas.confidence import decode_levels
-from schemas.io import output_provenance
+from schemas.io import open_uri, output_provenance
 from schemas.uris import public_text, public_uri
 
 from ..config import is_inline_json
@@ -33,7 +33,7 @@ from .predictions import (
 from .progress_line import ProgressLine
 from .report import EXAMPLES, build_metrics
 from .report_files import write_report
-from .sources import load_source_image, name_aliases, read_text, url_to_fs
+from .sources import load_source_image, name_aliases, read_text
 from .worst import ImageRef
 
 GT_FORMATS = ("coco", "masks", "parquet", "labelstudio")
@@ -128,7 +128,7 @@ def detect_format(uri: str, storage_options: Mapping | None = None) -> str:
     otherwise ``masks``."""
     if uri.lower().endswith(".json"):
         return "coco"
-    fs, root = url_to_fs(uri, storage_options)
+    fs, root = open_uri(uri, storage_options)
     root = root.rstrip("/")
     if fs.exists(f"{root}/run.json") or fs.isdir(f"{root}/labels"):
         return "parquet"

@@ -197,12 +197,13 @@ def write_calibration(report_dir: str, acc: CalibrationAccumulator,
     import json
     from html import escape
 
+    from schemas.io import open_uri
+
     from .html import data_uri
-    from .sources import url_to_fs
 
     document = thresholds_document(acc, class_names, target, provenance)
     png = calibration_png(acc, class_names)
-    fs, root = url_to_fs(report_dir, storage_options)
+    fs, root = open_uri(report_dir, storage_options)
     root = root.rstrip("/")
     section = calibration_markdown(document)
     with fs.open(f"{root}/thresholds.json", "wb") as f:

@@ -25,11 +25,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from schemas.io import open_uri
+
 from .categories import GtCategory
 from .errors import AuditError
 from .gt_base import GroundTruth, GtImage
 from .metrics import IGNORED
-from .sources import name_aliases, url_to_fs
+from .sources import name_aliases
 
 MAX_EXPORT_BYTES = 1024 * 1024 * 1024
 MAX_PIXELS = 64 * 1024 * 1024
@@ -41,7 +43,7 @@ def read_export(uri: str, storage_options: Mapping | None = None,
     import json
 
     try:
-        fs, path = url_to_fs(uri, storage_options)
+        fs, path = open_uri(uri, storage_options)
         size = fs.size(path)
         if size is not None and size > max_bytes:
             raise AuditError(f"Label Studio export {uri} has {size} bytes (limit {max_bytes})")

@@ -18,11 +18,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from schemas.io import open_uri
+
 from .categories import GtCategory, parse_class_list
 from .errors import AuditError
 from .gt_base import GroundTruth, GtImage
 from .metrics import IGNORE_INDEX, IGNORED
-from .sources import decode_label_png, name_aliases, read_text, url_to_fs
+from .sources import decode_label_png, name_aliases, read_text
 
 CLASS_LIST_NAME = "classes.txt"
 
@@ -62,7 +64,7 @@ class MaskFolderGroundTruth(GroundTruth):
         self.uri = uri.rstrip("/")
         self.suffix = suffix
         self.reduce_zero_label = reduce_zero_label
-        self._fs, self._root = url_to_fs(self.uri, storage_options)
+        self._fs, self._root = open_uri(self.uri, storage_options)
         self._root = self._root.rstrip("/")
         self.categories = classes if classes is not None else self._default_classes(
             storage_options)

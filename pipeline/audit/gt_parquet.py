@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import pyarrow.parquet as pq
 
-from schemas.io import open_output
+from schemas.io import open_uri
 
 from .categories import GtCategory
 from .errors import AuditError
@@ -35,7 +35,7 @@ class ParquetGroundTruth(GroundTruth):
     def __init__(self, uri: str, storage_options: Mapping | None = None) -> None:
         super().__init__()
         self.source = open_labels(uri, storage_options)
-        self._fs, _ = open_output(uri, self.source.storage_options)
+        self._fs, _ = open_uri(uri, self.source.storage_options)
         self.categories = [GtCategory(c.name, tuple(s for s in c.synonyms if s != c.name), c.id)
                            for c in self.source.categories]
         self._where: dict[str, tuple[str, int, int]] = {}

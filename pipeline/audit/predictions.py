@@ -87,9 +87,9 @@ def _incomplete_shards(uri: str, options: dict, every: list[str]) -> list[str]:
     race, a zombie's late write) belong to a completed shard and are normal.
     """
     from schemas.completion import read_records
-    from schemas.io import open_output
+    from schemas.io import open_uri
 
-    fs, root = open_output(uri, options)
+    fs, root = open_uri(uri, options)
     try:
         done = set(read_records(fs, root))
     except OSError as error:
@@ -113,9 +113,9 @@ def _categories(uri: str, options: dict, first_file: str) -> tuple[list[Category
         raise AuditError(f"run record of {uri} is not valid JSON: {error}") from None
     if record and record.get("categories"):
         return record_categories(record), record.get("vocabulary_hash")
-    from schemas.io import open_output
+    from schemas.io import open_uri
 
-    fs, _ = open_output(uri, options)
+    fs, _ = open_uri(uri, options)
     _, meta = read_label_table(first_file, filesystem=fs, columns=["image_id"])
     if not meta["categories"]:
         raise AuditError(f"labels {uri} have no categories (no run.json, no file metadata)")

@@ -9,11 +9,12 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from schemas.io import open_uri
+
 from . import plots
 from .evaluator import EvaluationResult
 from .html import render_html
 from .report import json_default, render_markdown, unmatched_tsv
-from .sources import url_to_fs
 from .worst import ImageRef
 
 ImageLoader = Callable[[ImageRef], "np.ndarray | None"]
@@ -75,7 +76,7 @@ def write_report(report_dir: str, result: EvaluationResult, metrics: Mapping,
         "confusion_matrix.csv": confusion_csv(result),
         "unmatched.tsv": unmatched_tsv(unmatched_lists),
     }
-    fs, root = url_to_fs(report_dir, storage_options)
+    fs, root = open_uri(report_dir, storage_options)
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
     for name, text in files.items():

@@ -11,14 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from schemas.io import open_uri
+
 from .errors import AuditError
-
-
-def url_to_fs(uri: str, storage_options: Mapping | None = None) -> tuple[Any, str]:
-    """The fsspec filesystem and path of a URI (a local path is a URI too)."""
-    from fsspec.core import url_to_fs as _url_to_fs
-
-    return _url_to_fs(uri, **dict(storage_options or {}))
 
 
 def read_bytes(uri: str, storage_options: Mapping | None = None, what: str = "file") -> bytes:
@@ -28,7 +23,7 @@ def read_bytes(uri: str, storage_options: Mapping | None = None, what: str = "fi
         AuditError: missing or unreadable, naming ``what`` and the URI.
     """
     try:
-        fs, path = url_to_fs(uri, storage_options)
+        fs, path = open_uri(uri, storage_options)
         with fs.open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:

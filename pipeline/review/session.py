@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pipeline.audit.predictions import open_labels
 from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.source_images import SourceRef, read_sources
-from schemas.io import iter_label_rows, open_output, output_provenance, read_run_record
+from schemas.io import iter_label_rows, open_uri, output_provenance, read_run_record
 from schemas.times import utc_timestamp
 from schemas.uris import public_uri
 
@@ -91,7 +91,7 @@ class ReviewOutcome:
 
 def read_reviewed(out_dir: str, storage_options: Mapping | None = None) -> dict:
     """The ``reviewed.json`` record of ``out_dir`` (empty when there is none)."""
-    fs, root = open_output(out_dir, storage_options)
+    fs, root = open_uri(out_dir, storage_options)
     path = f"{root}/{REVIEWED}"
     if not fs.exists(path):
         return {"batches": []}
@@ -194,7 +194,7 @@ def run_review(config: ReviewConfig) -> ReviewOutcome:
              for rank, item in enumerate(sendable, start=1)]
     files = _write_files(config, labels.categories, items, tasks, images, seed)
     outcome = ReviewOutcome(items, files, images["missing"])
-    fs, root = open_output(config.out_dir, config.storage_options)
+    fs, root = open_uri(config.out_dir, config.storage_options)
     if studio is None:
         record["batches"].append(_batch_record(config, sendable, None, seed))
         _write(fs, f"{root}/{REVIEWED}", json.dumps(record, indent=1))
@@ -248,7 +248,7 @@ def _write_files(config: ReviewConfig, categories, items: list[Ranked], tasks: l
     sheet = render_sheet(items, overlays, config.by,
                          f"Review batch: {public_uri(config.labels)}", images["missing"],
                          random_weights)
-    fs, root = open_output(config.out_dir, config.storage_options)
+    fs, root = open_uri(config.out_dir, config.storage_options)
     fs.makedirs(root, exist_ok=True)
     files = []
     texts = (json.dumps(tasks), labeling_config(categories), sheet)

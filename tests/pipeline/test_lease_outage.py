@@ -8,13 +8,13 @@ import threading
 import pytest
 
 from pipeline.lease import Lease, LeaseLost, check_holder, read_holder
-from schemas.io import open_output
+from schemas.io import open_uri
 
 
 @pytest.fixture
 def outage(tmp_path, monkeypatch):
     """``(fs, root, down)``: a local output whose reads fail while ``down[0]`` is True."""
-    fs, root = open_output(str(tmp_path / "out"))
+    fs, root = open_uri(str(tmp_path / "out"))
     real, down = fs.cat_file, [False]
 
     def cat_file(path, *args, **kwargs):

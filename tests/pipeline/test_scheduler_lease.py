@@ -20,7 +20,7 @@ from pipeline.runner import run_job
 from pipeline.scheduler import LEASE_LOST, Scheduler
 from pipeline.shards import ShardSpec
 from pipeline.stub import StubOptions
-from schemas.io import open_output
+from schemas.io import open_uri
 
 
 def _scheduler(events: list, num_shards: int = 6):
@@ -113,7 +113,7 @@ def test_a_worker_that_meets_another_holder_stops_the_run(ray_cpus, tmp_path, vo
     while not list(out.glob("_done/*.json")):
         assert time.monotonic() < deadline and runner.is_alive(), "no shard was certified"
         time.sleep(0.05)
-    fs, root = open_output(str(out))
+    fs, root = open_uri(str(out))
     holder = read_holder(fs, root)  # the driver renews every 150 s: it does not notice first
     thief = dataclasses.replace(holder, run_id="run-that-took-over", expires_at=time.time() + 600)
     (out / "_lease.json").write_bytes(thief.to_bytes())
