@@ -49,7 +49,7 @@ def engine_outputs(preset: str, contrast: float = 1.0
     boundaries; a larger contrast on the same (smoothly upsampled) logits stands in for that.
     """
     import torch
-    from engine_fixtures import build_random_backbones
+    from support.engine import build_random_backbones
 
     from cass_engine import CassConfig
     from cass_engine.segmenter import CassSegmenter

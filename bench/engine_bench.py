@@ -9,7 +9,7 @@ several times: each preset is then timed in each dtype in the same run, and the 
 dtype relative to the first is printed (``--dtype float32 --dtype bfloat16``: the bf16 speed-up
 measured under the same machine load; the engines are timed in turns, and each figure is the
 fastest of ``--repeats`` rounds). ``--baseline`` also
-times the literal one-crop-at-a-time formulation in ``tests/reference_cass.py`` (the
+times the literal one-crop-at-a-time formulation in ``tests/support/reference_cass.py`` (the
 reference data path: batch size 1, whole image re-encoded per crop, N x N eigensolves) on the
 same machine in the same run and prints the speed ratio. ``--text-only`` times the text
 embeddings alone (computed, not read from the cache; ``s_per_image`` is then the text
@@ -65,7 +65,7 @@ def time_batch(seg, images: list) -> float:
 def time_baseline(seg, image: np.ndarray) -> float:
     """Seconds for one image through the literal reference formulation (CPU, fp32)."""
     spec = importlib.util.spec_from_file_location("reference_cass",
-                                                  ROOT / "tests" / "reference_cass.py")
+                                                  ROOT / "tests" / "support" / "reference_cass.py")
     ref = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ref)
     emb = seg.text_embeddings

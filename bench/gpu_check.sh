@@ -3,7 +3,7 @@
 #
 #     bash bench/gpu_check.sh [--clip-weights F --dino-weights F]
 #
-# 1. the CUDA-marked tests (tests/test_gpu.py: engine on CUDA vs CPU, pinned actors);
+# 1. the CUDA-marked tests (tests/cass_engine/test_gpu.py: engine on CUDA vs CPU, pinned actors);
 # 2. engine_bench at batch 1/8/32 in float16 and bfloat16 for coco_stuff and voc21 (336x448);
 # 3. precision_check on CUDA (fp16/bf16 vs fp32, all 8 presets);
 # 4. pipeline_bench with the real engine on CUDA (one actor per GPU) and with the stub.
@@ -30,9 +30,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 row gpu "$(head -1 "$LOGS/gpu.txt")" "$(nvidia-smi -L | wc -l) device(s)"
 
 # 1. CUDA-marked tests
-"$PY" -m pytest -q -m cuda tests/test_gpu.py -p no:cacheprovider > "$LOGS/tests.log" 2>&1
+"$PY" -m pytest -q -m cuda tests/cass_engine/test_gpu.py -p no:cacheprovider > "$LOGS/tests.log" 2>&1
 rc=$?
-row "pytest -m cuda" "tests/test_gpu.py" "rc=$rc $(tail -1 "$LOGS/tests.log")"
+row "pytest -m cuda" "tests/cass_engine/test_gpu.py" "rc=$rc $(tail -1 "$LOGS/tests.log")"
 
 # 2. engine throughput
 for dtype in float16 bfloat16; do

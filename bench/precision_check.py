@@ -10,7 +10,7 @@ every one of them in its own full mode (on CPU the bf16 mode also encodes the te
 Prints one line per preset and dtype: ``<preset> <dtype>: label agreement A %, max |dprob| M,
 mean |dprob| m, presence max diff P`` over all pixels of all photos. The backbones are built
 once per dtype and shared by the presets. Random weights are the test suite's
-(``tests/engine_fixtures.py``: seeded, with per-head key decays, because freshly initialised
+(``tests/support/engine.py``: seeded, with per-head key decays, because freshly initialised
 heads have tied spectra and their Hungarian matching is decided by rounding noise).
 """
 
@@ -48,7 +48,7 @@ def backbones(args: argparse.Namespace):
     if args.clip_weights:
         return (load_clip(args.clip_weights)[0], load_dino(args.dino_weights)[0])
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from engine_fixtures import build_random_backbones
+    from support.engine import build_random_backbones
 
     return build_random_backbones(args.random_weights)
 

@@ -11,7 +11,8 @@ import ast
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from support import REPO  # noqa: E402
+
 PIPELINE = REPO / "pipeline"
 ROOMS = ("audit", "review")
 #: The labeling machinery of ``pipeline/`` that audits and reviews must not import.

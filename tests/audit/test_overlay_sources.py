@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from conftest import encode, photo, tar_bytes, write_vocabulary
+from support.images import encode, photo, tar_bytes, write_vocabulary
 
 from cass_engine import CassConfig
 from pipeline.audit.sources import load_source_image

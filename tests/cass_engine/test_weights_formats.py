@@ -17,7 +17,7 @@ import timm
 import torch
 from open_clip.transformer import QuickGELU
 from safetensors.torch import save_file
-from weights_files import (  # noqa: F401 - fixtures
+from support.weights_files import (  # noqa: F401 - fixtures
     assert_loaded,
     cache_dir,
     clip_file,

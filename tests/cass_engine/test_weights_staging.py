@@ -15,9 +15,9 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from conftest import REPO
 from fsspec.implementations.memory import MemoryFileSystem
-from weights_files import cache_dir  # noqa: F401 - fixture
+from support import REPO
+from support.weights_files import cache_dir  # noqa: F401 - fixture
 
 from cass_engine.config import CassConfig
 from cass_engine.staging import check_weight_choice, stage_weights, weights_dir

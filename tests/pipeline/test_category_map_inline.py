@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import encode, photos, write_vocabulary
+from support.images import encode, photos, write_vocabulary
 
 from cass_engine import CassConfig
 from jobs.audit import main as audit_main

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import encode, exif_rotated_jpeg, photo, write_vocabulary
 from PIL import Image
+from support.images import encode, exif_rotated_jpeg, photo, write_vocabulary
 
 from cass_engine.images import load_image, to_uint8_chw
 from pipeline.audit.sources import load_source_image

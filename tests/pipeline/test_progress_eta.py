@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from itertools import islice
 
-from conftest import encode, photos, tar_bytes
+from support.images import encode, photos, tar_bytes
 
 from cass_engine import CassConfig
 from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig, OutputPolicy

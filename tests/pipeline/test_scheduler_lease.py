@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from conftest import encode, photos
 from ray.exceptions import RayTaskError
+from support.images import encode, photos
 
 from cass_engine import CassConfig
 from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig, OutputPolicy

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import encode, photos, write_vocabulary
+from support.images import encode, photos, write_vocabulary
 
 from cass_engine import CassConfig, Vocabulary, load_vocabulary
 from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig

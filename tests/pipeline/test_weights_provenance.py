@@ -18,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import encode, photo, write_vocabulary
-from weights_files import (  # noqa: F401 - fixtures
+from support.images import encode, photo, write_vocabulary
+from support.weights_files import (  # noqa: F401 - fixtures
     clip_file,
     clip_random,
     clip_state,

@@ -1,5 +1,5 @@
 """The review loop against the real thing: Label Studio's own brush converter and a live
-Label Studio server (see tests/labelstudio.py): push tasks with predictions, correct one
+Label Studio server (see tests/support/labelstudio.py): push tasks with predictions, correct one
 annotation as a reviewer would, pull the export, audit, and see exactly the corrected pixels."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from labelstudio import ensure_venv, label_studio  # noqa: F401 - fixture
+from support.labelstudio import ensure_venv, label_studio  # noqa: F401 - fixture
 from test_review import _one_line_error, _rows, _scene
 
 from jobs.audit import main as audit_main

@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from audit_fixtures import failed_row, ok_row, write_labels_output
 from PIL import Image
+from support.audit_data import failed_row, ok_row, write_labels_output
 
 from jobs.audit import main as audit_main
 from jobs.review import main as review_main

@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import edge_case_images, encode, photo, photos, tar_bytes, write_vocabulary
 from PIL import Image
+from support.images import edge_case_images, encode, photo, photos, tar_bytes, write_vocabulary
 
 from cass_engine import CassConfig
 from cass_engine.staging import stage_weights

@@ -10,7 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import encode, photo, write_vocabulary
+from support import REPO  # noqa: E402
+from support.images import encode, photo, write_vocabulary
 from test_export import expected_maps, label
 
 from cass_engine import CassConfig
@@ -21,8 +22,6 @@ from pipeline.plan import plan_job
 from pipeline.stub import StubOptions, stub_labels
 from pipeline.worker import LabelWorker, WorkerSpec
 from schemas.confidence import MAX_QUANTISATION_ERROR, level_of, quantize
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +99,7 @@ def test_without_confidence_it_is_nan_and_thresholds_raise(tmp_path):
 
 
 def test_thresholds_on_a_schema_1_0_output_without_run_record_raise(tmp_path):
-    from audit_fixtures import ok_row, write_labels_output
+    from support.audit_data import ok_row, write_labels_output
 
     root = tmp_path / "old"
     write_labels_output(str(root), {"s0": [ok_row("x", np.zeros((2, 2), int), 2)]},

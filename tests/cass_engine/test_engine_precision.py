@@ -7,9 +7,9 @@ import copy
 import numpy as np
 import pytest
 import torch
-from engine_fixtures import photo_336x448, random_backbones  # noqa: F401
 from open_clip import get_tokenizer
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+from support.engine import photo_336x448, random_backbones  # noqa: F401
 
 import cass_engine.text as text_module
 from cass_engine import CassConfig, parse_vocabulary

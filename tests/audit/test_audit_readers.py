@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
-from audit_fixtures import failed_row, ok_row, write_labels_output
 from PIL import Image
 from pycocotools import mask as coco_mask
+from support.audit_data import failed_row, ok_row, write_labels_output
 
 from pipeline.audit import AuditError
 from pipeline.audit.gt_coco import CocoGroundTruth

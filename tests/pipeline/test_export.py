@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import encode, exif_rotated_jpeg, photo, tar_bytes, write_vocabulary
 from PIL import Image
+from support.images import encode, exif_rotated_jpeg, photo, tar_bytes, write_vocabulary
 
 from cass_engine import CassConfig
 from jobs import audit as audit_job
@@ -25,7 +25,7 @@ from pipeline.worker import LabelWorker, WorkerSpec
 from schemas.confidence import level_of, quantize
 
 CLASSES = ["sky, clouds", "tree", "person, man", "road", "building"]
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO  # noqa: E402
 
 
 def source_images() -> dict[str, dict[str, bytes]]:
@@ -280,7 +280,7 @@ def test_rows_whose_source_is_gone_are_listed_not_dropped(tmp_path):
 def test_keys_repeating_across_shards_get_one_file_each_and_audit_perfectly(tmp_path):
     """Parquet inputs without --id-column have keys 00000000... in every shard: the export
     names files by image id, and the audit of the export matches every row to its own file."""
-    from audit_fixtures import ok_row, write_labels_output
+    from support.audit_data import ok_row, write_labels_output
 
     maps = {f"s{s}": [np.full((4, 5), (s + k) % 2, int) for k in range(2)] for s in range(3)}
     for shard, arrays in maps.items():
@@ -301,7 +301,7 @@ def test_keys_repeating_across_shards_get_one_file_each_and_audit_perfectly(tmp_
 
 
 def test_unsafe_and_unwritable_names_are_listed_and_the_export_completes(tmp_path):
-    from audit_fixtures import ok_row, write_labels_output
+    from support.audit_data import ok_row, write_labels_output
 
     long_key = "k" * 300  # ENAMETOOLONG on every common filesystem
     write_labels_output(str(tmp_path / "labels"), {

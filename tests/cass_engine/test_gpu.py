@@ -14,8 +14,8 @@ import json
 
 import pytest
 import torch
-from conftest import encode, photos
-from engine_fixtures import photo_336x448, random_backbones  # noqa: F401
+from support.engine import photo_336x448, random_backbones  # noqa: F401
+from support.images import encode, photos
 
 from cass_engine import CassConfig
 from cass_engine.segmenter import CassSegmenter

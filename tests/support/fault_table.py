@@ -4,7 +4,7 @@
 completion records, the certified labels objects) and counts, against the images the input
 holds, which are lost and which duplicated; :func:`fault_row` turns that into one table row.
 With ``CASS_FAULT_TABLE=FILE`` set, the fault tests append their rows to FILE (JSON lines);
-``python tests/fault_table.py FILE`` prints the Markdown table for the README.
+``python tests/support/fault_table.py FILE`` prints the Markdown table for the README.
 """
 
 from __future__ import annotations

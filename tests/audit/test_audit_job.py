@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from audit_fixtures import failed_row, ok_row, write_labels_output
 from PIL import Image
+from support import REPO  # noqa: E402
+from support.audit_data import failed_row, ok_row, write_labels_output
 
 from jobs.audit import main
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = [["background", "sky"], ["cat", "kitty"], ["dog"]]
 
 

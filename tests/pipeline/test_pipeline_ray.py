@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import edge_case_images, encode, photo, photos, tar_bytes, write_vocabulary
 from pycocotools.coco import COCO
+from support.images import edge_case_images, encode, photo, photos, tar_bytes, write_vocabulary
 
 from cass_engine import CassConfig
 from jobs import export_coco

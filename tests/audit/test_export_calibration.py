@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from audit_fixtures import write_labels_output
 from PIL import Image
+from support.audit_data import write_labels_output
 
 from jobs import audit as audit_job
 from pipeline.audit.calibration import CalibrationAccumulator, lowest_level
@@ -115,7 +115,7 @@ def test_unreachable_and_unjudged_classes():
 
 
 def test_calibration_needs_confidence(tmp_path):
-    from audit_fixtures import ok_row
+    from support.audit_data import ok_row
 
     labels = tmp_path / "plain"
     write_labels_output(str(labels), {"s0": [ok_row("img0", np.zeros((4, 4), int), 3)]}, VOCAB)

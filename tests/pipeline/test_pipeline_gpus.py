@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import encode, photos
+from support.images import encode, photos
 
 from cass_engine import CassConfig
 from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from engine_fixtures import photo_336x448
 from PIL import Image
 from skimage import data
+from support.engine import photo_336x448
 
 from cass_engine import CassConfig, build_segmenter, parse_vocabulary
 from cass_engine.decision import class_ranges, finalize

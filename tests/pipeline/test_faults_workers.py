@@ -18,19 +18,17 @@ from types import SimpleNamespace
 
 import pytest
 import ray
-from conftest import (
+from ray.exceptions import ActorUnavailableError
+from support.fault_proxy import FaultProxy, FaultRates
+from support.images import encode, photos, tar_bytes
+from support.stores import (
     S3Server,
-    encode,
     free_port,
-    photos,
     seaweed_command,
     seaweed_env,
     seaweed_internal_ports,
     stop_process,
-    tar_bytes,
 )
-from fault_proxy import FaultProxy, FaultRates
-from ray.exceptions import ActorUnavailableError
 
 from cass_engine import CassConfig
 from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig, OutputPolicy

@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, encode, photos, tar_bytes, write_vocabulary
-from fault_table import assert_exactly_once, audit_output, fault_row
+from support import REPO
+from support.fault_table import assert_exactly_once, audit_output, fault_row
+from support.images import encode, photos, tar_bytes, write_vocabulary
 
 from cass_engine import CassConfig
 from jobs import export_coco

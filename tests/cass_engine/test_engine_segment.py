@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_fixtures import photo_336x448
+from support.engine import photo_336x448
 
 from cass_engine import CassConfig, build_segmenter, parse_vocabulary
 from cass_engine.decision import (

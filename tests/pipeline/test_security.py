@@ -208,7 +208,8 @@ def test_pickle_reduce_never_runs(make, via, tmp_path):
 
 # ----------------------------------------------------------------------------- embedded Ray
 
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO  # noqa: E402
+
 _SLOW_STUB_JOB = """
 import dataclasses, sys
 import jobs.label as label
@@ -536,8 +537,8 @@ DATA_NAMES = ["background", "cost $5 or $6", "<script>alert(1)</script>", "a $^$
 
 
 def test_audit_draws_data_text_literally_and_escapes_html(tmp_path):
-    from audit_fixtures import ok_row, write_labels_output
     from PIL import Image
+    from support.audit_data import ok_row, write_labels_output
 
     from jobs.audit import main
 

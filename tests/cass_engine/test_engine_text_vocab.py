@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from engine_fixtures import random_backbones  # noqa: F401
 from open_clip import get_tokenizer
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
+from support.engine import random_backbones  # noqa: F401
 
 from cass_engine import PRESETS, CassConfig, VocabularyError, load_vocabulary, parse_vocabulary
 from cass_engine.text import compute_text_embeddings, embed_queries, encode_prompts, ward_groups

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import encode, photo, write_vocabulary
+from support.images import encode, photo, write_vocabulary
 
 import cass_engine
 from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig

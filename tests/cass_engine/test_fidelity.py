@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import reference_cass
 import torch
-from engine_fixtures import random_backbones, real_photo_336x448  # noqa: F401
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-from reference_cass import reference_probs
 from scipy.optimize import linear_sum_assignment
+from support import reference_cass
+from support.engine import random_backbones, real_photo_336x448  # noqa: F401
+from support.reference_cass import reference_probs
 
 from cass_engine import PRESETS, CassConfig, CassSegmenter, TextEmbeddings, spectral
 from cass_engine.preprocess import resize_uint8, resized_hw
