@@ -41,7 +41,7 @@ from schemas.labels import STATUS_OK
 from schemas.masks import annotations_to_label_map
 from schemas.uris import public_uri
 
-from .audit.progress_line import ProgressLine
+from .progress import ProgressLine
 from .source_images import SourceItem, SourceJoin, label_files, run_io
 from .storage import is_local
 

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pipeline.progress import ProgressLine
 from pipeline.source_images import run_io
 from schemas.confidence import decode_levels
 from schemas.io import open_uri, output_provenance
@@ -30,7 +31,6 @@ from .predictions import (
     row_label_map,
     row_presence,
 )
-from .progress_line import ProgressLine
 from .report import EXAMPLES, build_metrics
 from .report_files import write_report
 from .sources import load_source_image, name_aliases, read_text

@@ -35,12 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from cass_engine.staging import check_weight_choice
+from pipeline.progress import ProgressLine
 
 from .categories import identity_mapping
 from .errors import AuditError
 from .evaluator import EvaluationResult, Evaluator
 from .gt_masks import reduce_zero_label, to_internal
-from .progress_line import ProgressLine
 from .sources import decode_label_png
 from .worst import ImageRef
 
