@@ -321,6 +321,11 @@ def resolve_dtype(device: str | torch.device, dtype: torch.dtype | str | None) -
     return dtype
 
 
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``; names (``"auto"``) pass through."""
+    return dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "")
+
+
 def build_segmenter(config: CassConfig, *, clip_weights: str | None = None,
                     dino_weights: str | None = None, random_weights: int | None = None,
                     device: str | torch.device = "cpu",
@@ -337,7 +342,8 @@ def build_segmenter(config: CassConfig, *, clip_weights: str | None = None,
             and tests only; recorded in ``weights_info``). Exclusive with weight paths.
         device: torch device.
         dtype: reduced precision for the image backbones (see ``resolve_dtype``); None means
-            float32 on CPU and float16 on accelerators.
+            float32 on CPU and float16 on accelerators. ``weights_info["dtype"]`` records
+            the resolved dtype (``"auto"`` never), ``"dtype_requested"`` what was asked.
         storage_options: fsspec options for weight URLs.
         cache_dir: cache root for staged weights (``<root>/weights``) and text embeddings
             (``<root>/text``); None: ``$CASS_CACHE_DIR`` or ``~/.cache/cass_engine``.
@@ -347,6 +353,7 @@ def build_segmenter(config: CassConfig, *, clip_weights: str | None = None,
 
     check_weight_choice(clip_weights, dino_weights, random_weights)
     device = torch.device(device)
+    requested = None if dtype is None else dtype_name(dtype)
     dtype = resolve_dtype(device, dtype)
     staged = str(weights_dir(cache_dir)) if cache_dir is not None else None
     clip, clip_info = load_clip(clip_weights, random_seed=random_weights, cache_dir=staged,
@@ -354,7 +361,8 @@ def build_segmenter(config: CassConfig, *, clip_weights: str | None = None,
     dino, dino_info = load_dino(dino_weights, random_seed=random_weights, cache_dir=staged,
                                 storage_options=storage_options)
     info = {"clip": clip_info.to_dict(), "dino": dino_info.to_dict(),
-            "random_weights": random_weights, "dtype": str(dtype).replace("torch.", "")}
+            "random_weights": random_weights, "dtype": dtype_name(dtype),
+            "dtype_requested": requested}
     return CassSegmenter(clip.to(device), dino.to(device), config, device,
                          amp_dtype=None if dtype == torch.float32 else dtype,
                          weights_info=info, cache_dir=cache_dir)

@@ -19,6 +19,10 @@ from scipy.optimize import linear_sum_assignment
 
 from .config import CassConfig
 
+#: Kept eigenvalues whose spread is at most this fraction of the largest count as equal
+#: (a flat spectrum, left unscaled by ``eigenscale``); float64 eigh is accurate to ~1e-14.
+FLAT_SPECTRUM_RTOL = 1e-12
+
 
 def round_fp16(x: torch.Tensor) -> torch.Tensor:
     """Round to float16 precision, keeping the dtype (the reference keeps DINO keys in fp16)."""
@@ -49,7 +53,8 @@ def match_value_range(source: torch.Tensor, target: torch.Tensor, fp16: bool) ->
     """Min-max map each crop's ``source`` into the value range of its ``target``.
 
     One global min and max per crop over heads, tokens and channels. With ``fp16`` every
-    intermediate is rounded to float16, as in the reference.
+    intermediate is rounded to float16, as in the reference. A constant ``source`` (e.g. all
+    zero keys) has no range to map and becomes ``target``'s minimum.
 
     Args:
         source, target: ``[B, ...]``.
@@ -62,7 +67,7 @@ def match_value_range(source: torch.Tensor, target: torch.Tensor, fp16: bool) ->
     s_min, s_max = extremes(source)
     t_min, t_max = extremes(target)
     r = round_fp16 if fp16 else (lambda x: x)
-    unit = r(r(source - s_min) / r(s_max - s_min))
+    unit = r(r(source - s_min) / _nonzero(r(s_max - s_min)))  # constant source -> t_min
     # float16 arithmetic with float32 scalars as the reference runs it on CPU: the product
     # takes the float32 range, the sum adds the minimum rounded to float16.
     return r(r(unit * (t_max - t_min)) + r(t_min))
@@ -121,11 +126,19 @@ def assign_heads(distance: torch.Tensor, pairing: str) -> tuple[torch.Tensor, to
 
 
 def kept_eigen_mask(values: torch.Tensor, config: CassConfig) -> torch.Tensor:
-    """Which eigenpairs of the DINO graph are kept. ``values`` descending ``[..., d]``."""
+    """Which eigenpairs of the DINO graph are kept. ``values`` descending ``[..., d]``.
+
+    ``reference``: the first ``reference_rank``. ``energy``: the smallest rank whose leading
+    values reach ``energy_threshold`` of the sum of the positive values (at least 1; a
+    spectrum with no positive value keeps 1).
+    """
     positions = torch.arange(values.shape[-1], device=values.device)
     if config.rank == "reference":
         return (positions < config.reference_rank).expand_as(values)
-    energy = values.clamp_min(0).cumsum(-1) / values.clamp_min(0).sum(-1, keepdim=True)
+    total = values.clamp_min(0).sum(-1, keepdim=True)
+    energy = values.clamp_min(0).cumsum(-1) / _nonzero(total)
+    # a spectrum without positive energy (a zero graph) keeps one pair: rank 1, graph 0
+    energy = torch.where(total > 0, energy, torch.ones_like(energy))
     rank = (energy < config.energy_threshold).sum(-1, keepdim=True) + 1
     return positions < rank
 
@@ -134,14 +147,23 @@ def eigenscale(values: torch.Tensor, keep: torch.Tensor, config: CassConfig) -> 
     """Dynamic eigenscaling of the kept eigenvalues (identity when disabled); 0 elsewhere.
 
     ``phi(s) = (s - s_min) / (s_max - s_min) * (hi * s_max - lo * s_min) + lo * s_min``.
+
+    A flat kept spectrum (one kept pair, as the energy rule gives for a rank-1 graph, or
+    values equal to within ``FLAT_SPECTRUM_RTOL`` of ``s_max``) has no spread to stretch
+    and is kept as it is: ``phi`` would divide by ``s_max - s_min = 0``, and every positive
+    common factor gives the same fused attention (the graph is min-max rescaled later).
     """
     if not config.eigenscaling:
         return torch.where(keep, values, torch.zeros_like(values))
     big = torch.finfo(values.dtype).max
     s_min = torch.where(keep, values, torch.full_like(values, big)).amin(-1, keepdim=True)
     s_max = torch.where(keep, values, torch.full_like(values, -big)).amax(-1, keepdim=True)
+    spread = s_max - s_min
+    flat = spread <= FLAT_SPECTRUM_RTOL * s_max.abs()
     span = (config.eig_scale_high * s_max) - (config.eig_scale_low * s_min)
-    scaled = (values - s_min) / (s_max - s_min) * span + config.eig_scale_low * s_min
+    scaled = (values - s_min) / torch.where(flat, torch.ones_like(spread), spread) * span \
+        + config.eig_scale_low * s_min
+    scaled = torch.where(flat, values, scaled)
     return torch.where(keep, scaled, torch.zeros_like(values))
 
 
@@ -214,9 +236,20 @@ def fused_attention_output(k_clip: torch.Tensor, v_clip: torch.Tensor, k_dino: t
 
 
 def _map_graph_range(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Min-max map each ``[N, N]`` graph of ``source`` into the range of ``target``'s."""
+    """Min-max map each ``[N, N]`` graph of ``source`` into the range of ``target``'s.
+
+    A constant graph (a zero DINO graph) becomes ``target``'s minimum: the fused attention
+    is then the CLIP graph's, scaled by ``1 / (10 w + 1)`` (a constant does not change the
+    row softmax).
+    """
     s_min = source.amin((-1, -2), keepdim=True)
     s_max = source.amax((-1, -2), keepdim=True)
     t_min = target.amin((-1, -2), keepdim=True)
     t_max = target.amax((-1, -2), keepdim=True)
-    return (source - s_min) / (s_max - s_min) * (t_max - t_min) + t_min
+    return (source - s_min) / _nonzero(s_max - s_min) * (t_max - t_min) + t_min
+
+
+def _nonzero(denominator: torch.Tensor) -> torch.Tensor:
+    """``denominator`` with its zeros replaced by 1 (their numerators are 0): divisions of
+    degenerate (constant) inputs stay finite; every other value is divided as before."""
+    return torch.where(denominator == 0, torch.ones_like(denominator), denominator)

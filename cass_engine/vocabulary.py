@@ -5,6 +5,11 @@ is class ``i``; its first name is the display name and every name is a text quer
 class plays the role of background for the ``prob_thd`` rule (pixels whose best class
 probability is below the threshold get class 0).
 
+A line may start with a display name in square brackets, ``[background] sky, wall, tree``:
+the class is shown as ``background`` (overlays, ``class_names``) and queried with the words
+after the brackets only, so the text embeddings and ``content_hash`` are those of the line
+without the brackets. The VOC21 and COCO-Object presets name their 26-word background line so.
+
 Names are kept as written (a trailing space inside a line, as in one official file, is kept:
 CLIP's tokenizer drops it), only the line break is removed. Blank lines are skipped.
 """
@@ -28,12 +33,15 @@ class Vocabulary:
     """Classes and their text queries.
 
     Attributes:
-        classes: one tuple of names per class; ``classes[c][0]`` is the display name.
+        classes: one tuple of names per class (its text queries).
         source: where the vocabulary came from (a path or ``preset:NAME``), for records.
+        display_names: empty, or per class the name given in brackets (None where none was
+            given: the first query is shown).
     """
 
     classes: tuple[tuple[str, ...], ...]
     source: str = "<memory>"
+    display_names: tuple[str | None, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.classes:
@@ -43,6 +51,9 @@ class Vocabulary:
                 raise VocabularyError(
                     f"vocabulary {self.source}: class {index} has an empty name {names!r}"
                 )
+        if self.display_names and len(self.display_names) != len(self.classes):
+            raise VocabularyError(f"vocabulary {self.source}: {len(self.display_names)} "
+                                  f"display names for {len(self.classes)} classes")
 
     @property
     def num_classes(self) -> int:
@@ -50,8 +61,11 @@ class Vocabulary:
 
     @property
     def class_names(self) -> list[str]:
-        """Display names (first synonym, surrounding spaces removed), one per class."""
-        return [names[0].strip() for names in self.classes]
+        """Display names, one per class: the bracketed name where the file gives one, else
+        the first synonym (surrounding spaces removed)."""
+        given = self.display_names or (None,) * len(self.classes)
+        return [shown or names[0].strip() for shown, names in zip(given, self.classes,
+                                                                    strict=True)]
 
     @property
     def query_words(self) -> list[str]:
@@ -68,7 +82,9 @@ class Vocabulary:
         return len(self.query_words)
 
     def content_hash(self) -> str:
-        """SHA-256 of the canonical text (one line per class), stable across sources."""
+        """SHA-256 of the canonical text (one line per class), stable across sources.
+
+        Display names are not part of it: they change no query and no label."""
         text = "\n".join(SYNONYM_SEPARATOR.join(names) for names in self.classes)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -88,11 +104,13 @@ def parse_vocabulary(text: str, source: str = "<memory>") -> Vocabulary:
     """Parse vocabulary text: one class per non-blank line, synonyms split on ", "."""
     if "\x00" in text:
         raise VocabularyError(f"vocabulary {source} is not a text file")
-    classes = []
+    classes, shown = [], []
     for line_number, raw in enumerate(text.splitlines(), start=1):
         line = raw.rstrip("\r")
         if not line.strip():
             continue
+        display, line = split_display_name(line, f"vocabulary {source}, line {line_number}")
+        shown.append(display)
         names = tuple(line.split(SYNONYM_SEPARATOR))
         if any(not name.strip() for name in names):
             raise VocabularyError(
@@ -102,7 +120,24 @@ def parse_vocabulary(text: str, source: str = "<memory>") -> Vocabulary:
         classes.append(names)
     if not classes:
         raise VocabularyError(f"vocabulary {source} is empty: expected one class per line")
-    return Vocabulary(tuple(classes), source)
+    display_names = tuple(shown) if any(name is not None for name in shown) else ()
+    return Vocabulary(tuple(classes), source, display_names)
+
+
+def split_display_name(line: str, where: str) -> tuple[str | None, str]:
+    """``"[name] a, b"`` -> ``("name", "a, b")``; a line without brackets is returned whole.
+
+    Raises:
+        VocabularyError: an unclosed or empty bracket, or no query after it.
+    """
+    if not line.startswith("["):
+        return None, line
+    end = line.find("]")
+    display, rest = (line[1:end].strip(), line[end + 1:].lstrip()) if end > 0 else ("", "")
+    if not display or not rest.strip():
+        raise VocabularyError(f"{where}: {line!r}: a display name is written '[name] query, "
+                              "query' (closed bracket, a name, then at least one query)")
+    return display, rest
 
 
 def load_vocabulary(path: str | Path) -> Vocabulary:
