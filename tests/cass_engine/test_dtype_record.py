@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from engine_fixtures import photo_336x448
 from PIL import Image
+from support.engine import photo_336x448
 
 import cass_engine.segmenter as segmenter
 from cass_engine import CassConfig, build_segmenter

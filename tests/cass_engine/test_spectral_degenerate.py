@@ -17,8 +17,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from engine_fixtures import build_random_backbones, photo_336x448
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+from support.engine import build_random_backbones, photo_336x448
 
 from cass_engine import CassConfig, CassSegmenter, TextEmbeddings, parse_vocabulary
 from cass_engine.spectral import (
