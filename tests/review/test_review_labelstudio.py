@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import requests
 from support.labelstudio import ensure_venv, label_studio  # noqa: F401 - fixture
-from test_review import _one_line_error, _rows, _scene
+from support.review import make_scene, one_line_error, scene_rows
 
 from jobs.audit import main as audit_main
 from jobs.review import main as review_main
@@ -82,7 +82,7 @@ def _confusion(report: Path) -> dict:
 
 
 def test_push_correct_export_audit(tmp_path, label_studio, monkeypatch, capsys):  # noqa: F811
-    scene = _scene(tmp_path)
+    scene = make_scene(tmp_path)
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
     assert review_main(["--labels", scene["labels"], "--top", "3", "--out", scene["out"],
                         "--label-studio-url", label_studio.url, "--project", "nightly"]) == 0
@@ -94,7 +94,7 @@ def test_push_correct_export_audit(tmp_path, label_studio, monkeypatch, capsys):
                  params={"project": project["id"], "fields": "all"})["tasks"]
     assert len(tasks) == 3
     task = _api(label_studio, "GET", f"/api/tasks/{tasks[0]['id']}")
-    rows = {r["image_id"]: r for r in _rows(scene)}
+    rows = {r["image_id"]: r for r in scene_rows(scene)}
     row = rows[task["data"]["cass_image_id"]]
     result = task["predictions"][0]["result"]
     # the reviewer repaints a 3x4 block of "cat & dog" as "sky <blue>"
@@ -129,29 +129,29 @@ def test_push_correct_export_audit(tmp_path, label_studio, monkeypatch, capsys):
 
 
 def test_bad_server_input_is_one_line(tmp_path, label_studio, monkeypatch, capsys):  # noqa: F811
-    scene = _scene(tmp_path)
+    scene = make_scene(tmp_path)
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
     args = ["--labels", scene["labels"], "--top", "2", "--out", scene["out"],
             "--label-studio-url", label_studio.url]
     assert review_main([*args, "--project", "987654"]) == 2
-    assert "no Label Studio project '987654'" in _one_line_error(capsys, "review: error: ")
+    assert "no Label Studio project '987654'" in one_line_error(capsys, "review: error: ")
     audit = ["--labels", scene["labels"], "--label-studio-url", label_studio.url,
              "--report", str(tmp_path / "r"), "--no-progress"]
     assert audit_main([*audit, "--project", "no such project"]) == 2
-    assert "no Label Studio project" in _one_line_error(capsys, "audit: error: ")
+    assert "no Label Studio project" in one_line_error(capsys, "audit: error: ")
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "wrong-token-0123456789")
     assert review_main([*args, "--project", "x"]) == 2
-    err = _one_line_error(capsys, "review: error: ")
+    err = one_line_error(capsys, "review: error: ")
     assert "rejected the API token (HTTP 401)" in err and "wrong-token" not in err
     assert audit_main([*audit, "--project", "1"]) == 2
-    assert "rejected the API token" in _one_line_error(capsys, "audit: error: ")
+    assert "rejected the API token" in one_line_error(capsys, "audit: error: ")
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
     other = _api(label_studio, "POST", "/api/projects", json={
         "title": "boxes", "label_config": '<View><Image name="image" value="$image"/>'
         '<BrushLabels name="label" toName="image"><Label value="background"/></BrushLabels>'
         '</View>'})
     assert review_main([*args, "--project", str(other["id"])]) == 2
-    err = _one_line_error(capsys, "review: error: ")
+    err = one_line_error(capsys, "review: error: ")
     assert "has no brush label for 'cat & dog', 'sky <blue>'" in err
     assert not (Path(scene["out"]) / "reviewed.json").exists()  # nothing was sent
 
@@ -161,7 +161,7 @@ def test_personal_access_token(tmp_path, label_studio, monkeypatch, capsys):  # 
     created = _api(label_studio, "POST", "/api/token/")
     token = created.get("token") or created.get("refresh")
     assert token and token.count(".") == 2
-    scene = _scene(tmp_path)
+    scene = make_scene(tmp_path)
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", token)
     assert review_main(["--labels", scene["labels"], "--top", "1", "--out", scene["out"],
                         "--label-studio-url", label_studio.url, "--project", "pat"]) == 0

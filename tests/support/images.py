@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins")
+PIXEL_LIMIT = 1_000_000  # the --max-image-pixels of the pipeline stage tests
 
 
 def photo(name: str, max_side: int = 96) -> np.ndarray:
@@ -41,6 +42,14 @@ def encode(image: np.ndarray | Image.Image, fmt: str = "PNG", **params: object) 
 
 def decode_png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def write_images(root: Path, names: list[str]) -> None:
+    """Write one small PNG photograph per name under ``root`` (subfolders made as needed)."""
+    for i, name in enumerate(names):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(photos(i + 1)[-1]))
 
 
 def write_vocabulary(path: Path, classes: list[str]) -> Path:

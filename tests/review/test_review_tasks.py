@@ -1,5 +1,6 @@
-"""jobs/review.py without a server: ranking, brush RLE, tasks, labeling config, contact sheet,
-the review record, and Label Studio exports read back as audit ground truth."""
+"""jobs/review.py without a server, sending work out: brush RLE, ranking, tasks, labeling
+config, contact sheet and the review record; images read through the pipeline readers
+(local, cloud, unreadable), public URIs in records, random weights, confidence maps."""
 
 from __future__ import annotations
 
@@ -17,68 +18,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from support.audit_data import failed_row, ok_row, write_labels_output
+from support.audit_data import ok_row, write_labels_output
+from support.review import (
+    CLASSES,
+    label_map,
+    make_scene,
+    one_line_error,
+    png_bytes,
+    run_review,
+    scene_rows,
+)
 
-from jobs.audit import main as audit_main
 from jobs.review import main as review_main
 from pipeline.review.brush import BrushError, decode_brush, encode_brush
 from pipeline.review.ranking import disagreement, top_k, uncertainty
 from schemas.masks import rle_to_mask
-
-CLASSES = [["background"], ["cat & dog", "pet"], ["sky <blue>"]]
-
-
-def _label_map(i: int, hw=(12, 16)) -> np.ndarray:
-    labels = np.zeros(hw, np.int64)
-    labels[:, 2 + i:] = 1
-    labels[:4, :3] = 2
-    return labels
-
-
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _scene(tmp_path: Path) -> dict:
-    """Six loose PNGs, one tar shard with two images, one Parquet shard with two, one failure."""
-    rng = np.random.default_rng(0)
-    photos = {f"img{i}": (rng.random((12, 16, 3)) * 255).astype(np.uint8) for i in range(10)}
-    rows = []
-    for i in range(6):
-        path = tmp_path / f"img{i}.png"
-        path.write_bytes(_png(photos[f"img{i}"]))
-        rows.append(ok_row(f"img{i}.png", _label_map(i), 3, [0.2, 0.5, 0.3],
-                           source_uri=str(path), scores=[0.9 - 0.1 * i, 0.8, 0.5]))
-    rows.append(failed_row("broken.png"))
-    tar_path = tmp_path / "shard.tar"
-    with tarfile.open(tar_path, "w") as archive:
-        for i in (6, 7):
-            data = _png(photos[f"img{i}"])
-            info = tarfile.TarInfo(f"sub/img{i}.png")
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    tar_rows = [ok_row(f"sub/img{i}", _label_map(i), 3, [0.3, 0.4, 0.3], shard_id="t0",
-                       source_uri=str(tar_path), scores=[0.05, 0.1, 0.2]) for i in (6, 7)]
-    parquet_path = tmp_path / "shard.parquet"
-    pq.write_table(pa.table({"image": [_png(photos["img8"]), _png(photos["img9"])]}),
-                   parquet_path)
-    pq_rows = [ok_row(f"{r:08d}", _label_map(8 + r), 3, [0.3, 0.4, 0.3], shard_id="p0",
-                      source_uri=str(parquet_path), scores=[0.1, 0.15, 0.2]) for r in (0, 1)]
-    labels = tmp_path / "out"
-    write_labels_output(str(labels), {"s0": rows, "t0": tar_rows, "p0": pq_rows}, CLASSES)
-    return {"labels": str(labels), "photos": photos, "out": str(tmp_path / "review")}
-
-
-def _review(scene: dict, *extra: str) -> int:
-    return review_main(["--labels", scene["labels"], "--out", scene["out"], *extra])
-
-
-def _one_line_error(capsys, prefix: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith(prefix), err
-    return err
 
 
 # ---------------------------------------------------------------------- brush RLE
@@ -105,14 +59,14 @@ def test_brush_decode_rejects_malformed_data():
 
 
 # ---------------------------------------------------------------------- ranking
-def _rows(scene: dict) -> list[dict]:
+def scene_rows(scene: dict) -> list[dict]:
     from schemas.io import iter_label_rows
 
     return list(iter_label_rows(scene["labels"]))
 
 
 def test_ranking_is_deterministic_and_independent_of_row_order(tmp_path):
-    rows = _rows(_scene(tmp_path))
+    rows = scene_rows(make_scene(tmp_path))
     shuffled = rows[::-1]
     random.Random(3).shuffle(shuffled)
     for by in ("uncertainty", "disagreement", "random"):
@@ -144,12 +98,12 @@ def test_scores_follow_their_definitions():
 
 # ---------------------------------------------------------------------- the job's files
 def test_review_writes_tasks_config_and_sheet(tmp_path, capsys):
-    scene = _scene(tmp_path)
-    assert _review(scene, "--top", "5") == 0
+    scene = make_scene(tmp_path)
+    assert run_review(scene, "--top", "5") == 0
     out = Path(scene["out"])
     tasks = json.loads((out / "tasks.json").read_text())
     assert [t["data"]["cass_rank"] for t in tasks] == [1, 2, 3, 4, 5]
-    rows = {r["image_id"]: r for r in _rows(scene)}
+    rows = {r["image_id"]: r for r in scene_rows(scene)}
     kinds = set()
     for task in tasks:
         row = rows[task["data"]["cass_image_id"]]
@@ -179,113 +133,45 @@ def test_review_writes_tasks_config_and_sheet(tmp_path, capsys):
 
 
 def test_rerun_and_exclude_reviewed(tmp_path):
-    scene = _scene(tmp_path)
-    assert _review(scene, "--top", "4", "--by", "random", "--seed", "5") == 0
+    scene = make_scene(tmp_path)
+    assert run_review(scene, "--top", "4", "--by", "random", "--seed", "5") == 0
     out = Path(scene["out"])
     first = [t["data"]["cass_image_id"] for t in json.loads((out / "tasks.json").read_text())]
-    assert _review(scene, "--top", "4", "--by", "random", "--seed", "5") == 0
+    assert run_review(scene, "--top", "4", "--by", "random", "--seed", "5") == 0
     assert first == [t["data"]["cass_image_id"]
                      for t in json.loads((out / "tasks.json").read_text())]
-    assert _review(scene, "--top", "4", "--by", "random", "--seed", "5",
-                   "--exclude-reviewed") == 0
+    assert run_review(scene, "--top", "4", "--by", "random", "--seed", "5",
+                      "--exclude-reviewed") == 0
     second = [t["data"]["cass_image_id"] for t in json.loads((out / "tasks.json").read_text())]
     assert len(second) == 4 and not set(first) & set(second)
     record = json.loads((out / "reviewed.json").read_text())
     assert [b["image_ids"] for b in record["batches"]] == [first, first, second]
-    assert _review(scene, "--top", "4", "--exclude-reviewed") == 0  # 10 ok images, 8 sent
+    assert run_review(scene, "--top", "4", "--exclude-reviewed") == 0  # 10 ok images, 8 sent
     rest = {t["data"]["cass_image_id"] for t in json.loads((out / "tasks.json").read_text())}
-    everything = {r["image_id"] for r in _rows(scene) if r["status"] == "ok"}
+    everything = {r["image_id"] for r in scene_rows(scene) if r["status"] == "ok"}
     assert rest == everything - set(first) - set(second) and len(rest) == 2
 
 
 def test_review_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
-    scene = _scene(tmp_path)
+    scene = make_scene(tmp_path)
     assert review_main(["--labels", str(tmp_path / "nowhere"), "--top", "2", "--out",
                         scene["out"]]) == 2
-    assert "no completed label files" in _one_line_error(capsys, "review: error: ")
-    assert _review(scene, "--top", "0") == 2
-    _one_line_error(capsys, "review: error: --top")
+    assert "no completed label files" in one_line_error(capsys, "review: error: ")
+    assert run_review(scene, "--top", "0") == 2
+    one_line_error(capsys, "review: error: --top")
     monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
-    assert _review(scene, "--top", "2", "--label-studio-url", "http://127.0.0.1:9",
-                   "--project", "x") == 2
-    assert "LABEL_STUDIO_API_KEY" in _one_line_error(capsys, "review: error: ")
+    assert run_review(scene, "--top", "2", "--label-studio-url", "http://127.0.0.1:9",
+                      "--project", "x") == 2
+    assert "LABEL_STUDIO_API_KEY" in one_line_error(capsys, "review: error: ")
     Path(scene["out"]).mkdir()
     (Path(scene["out"]) / "reviewed.json").write_text('{"batches": [3]}')
-    assert _review(scene, "--top", "2", "--exclude-reviewed") == 2
-    assert "is not a review record" in _one_line_error(capsys, "review: error: ")
+    assert run_review(scene, "--top", "2", "--exclude-reviewed") == 2
+    assert "is not a review record" in one_line_error(capsys, "review: error: ")
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "not-a-real-token")
-    assert _review(scene, "--top", "2", "--label-studio-url", "http://127.0.0.1:9",
-                   "--project", "x") == 2
-    err = _one_line_error(capsys, "review: error: cannot reach Label Studio")
+    assert run_review(scene, "--top", "2", "--label-studio-url", "http://127.0.0.1:9",
+                      "--project", "x") == 2
+    err = one_line_error(capsys, "review: error: cannot reach Label Studio")
     assert "not-a-real-token" not in err
-
-
-# ---------------------------------------------------------------------- corrections back
-def _export_task(image_id: str, labels: np.ndarray, names: list[str], **extra) -> dict:
-    height, width = labels.shape
-    result = [{"id": f"r{c}", "type": "brushlabels", "from_name": "label", "to_name": "image",
-               "original_width": width, "original_height": height,
-               "value": {"format": "rle", "rle": encode_brush(labels == c),
-                         "brushlabels": [names[c]]}} for c in np.unique(labels)]
-    annotation = {"id": 1, "result": result, "was_cancelled": False,
-                  "updated_at": "2026-01-02T00:00:00Z"}
-    return {"id": 7, "data": {"image": "data:image/png;base64,AAAA", "cass_image_id": image_id},
-            "annotations": [annotation], **extra}
-
-
-def test_label_studio_export_as_ground_truth(tmp_path):
-    scene = _scene(tmp_path)
-    rows = {r["image_id"]: r for r in _rows(scene)}
-    gt = _label_map(0)
-    gt[5:8, 6:10] = 2  # 12 pixels of "cat & dog" corrected to "sky <blue>"
-    names = ["background", "cat & dog", "sky <blue>"]
-    stale = _export_task("s0/img1.png", _label_map(1), names)
-    stale["annotations"][0].update(updated_at="2025-01-01T00:00:00Z", id=5)
-    cancelled = dict(_export_task("s0/img1.png", np.zeros((12, 16), np.int64), names)
-                     ["annotations"][0], was_cancelled=True, updated_at="2027-01-01T00:00:00Z")
-    task1 = _export_task("s0/img1.png", _label_map(1), names)
-    task1["annotations"] += [stale["annotations"][0], cancelled]
-    export = [_export_task("s0/img0.png", gt, names), task1,
-              {"id": 9, "data": {"cass_image_id": "s0/img2.png"}, "annotations": []}]
-    report = tmp_path / "report"
-    assert _audit_export(scene, tmp_path, json.dumps(export), report) == 0
-    metrics = json.loads((report / "metrics.json").read_text())
-    assert metrics["num_images"] == 2
-    assert metrics["unmatched"]["predictions"] == len(rows) - 1 - 2  # minus failed, reviewed
-    confusion = (report / "confusion_matrix.csv").read_text().splitlines()
-    header = confusion[0].split(",")
-    cells = {(line.split(",")[0], name): int(value) for line in confusion[1:]
-             for name, value in zip(header[1:], line.split(",")[1:], strict=True)}
-    off_diagonal = {k: v for k, v in cells.items() if k[0] != k[1] and v}
-    assert off_diagonal == {("sky <blue>", "cat & dog"): 12}
-
-
-def _audit_export(scene: dict, tmp_path: Path, export_text: str, report: Path) -> int:
-    """The audit's exit status against a Label Studio export file holding ``export_text``."""
-    path = tmp_path / "export.json"
-    path.write_text(export_text)
-    return audit_main(["--labels", scene["labels"], "--gt-format", "labelstudio",
-                       "--ground-truth", str(path), "--report", str(report), "--no-progress"])
-
-
-@pytest.mark.parametrize("content, message", [
-    ('{"tasks": []}', "expected a JSON list of tasks"),
-    ("[1]", "is not an object"),
-    ('[{"id": 3, "annotations": [{"result": [{"type": "brushlabels", "original_width": 4, '
-     '"original_height": 4, "value": {"rle": [1, 2], "brushlabels": ["cat & dog"]}}]}], '
-     '"data": {"cass_image_id": "s0/img0.png"}}]', "shorter than its header"),
-    ('[{"id": 3, "annotations": [{"result": [{"type": "brushlabels", "original_width": 99999, '
-     '"original_height": 99999, "value": {"rle": [], "brushlabels": ["x"]}}]}], '
-     '"data": {"cass_image_id": "s0/img0.png"}}]', "invalid image size"),
-    ('[{"id": 3, "annotations": [{"result": [{"type": "brushlabels", "value": {}}]}]}]',
-     "no brushlabels name"),
-    ("[{", "not valid JSON"),
-    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
-])
-def test_bad_label_studio_exports_are_one_line_errors(tmp_path, capsys, content, message):
-    scene = _scene(tmp_path)
-    assert _audit_export(scene, tmp_path, content, tmp_path / "r") == 2
-    assert message in _one_line_error(capsys, "audit: error: ")
 
 
 def test_cloud_images_by_url_or_embedded(tmp_path, s3_bucket, s3_server):
@@ -293,10 +179,10 @@ def test_cloud_images_by_url_or_embedded(tmp_path, s3_bucket, s3_server):
     a connected source storage); --embed-images reads them and embeds them instead."""
     fs = s3_server.filesystem()
     photo = (np.random.default_rng(2).random((12, 16, 3)) * 255).astype(np.uint8)
-    fs.pipe(f"{s3_bucket}/photos/a.png", _png(photo))
+    fs.pipe(f"{s3_bucket}/photos/a.png", png_bytes(photo))
     uri = f"s3://{s3_bucket}/photos/a.png"
     labels = tmp_path / "out"
-    write_labels_output(str(labels), {"s0": [ok_row("a.png", _label_map(0), 3,
+    write_labels_output(str(labels), {"s0": [ok_row("a.png", label_map(0), 3,
                                                     source_uri=uri)]}, CLASSES)
     options = json.dumps(s3_server.storage_options)
     out = tmp_path / "review"
@@ -312,9 +198,9 @@ def test_cloud_images_by_url_or_embedded(tmp_path, s3_bucket, s3_server):
 
 
 def test_unreadable_image_is_reported_not_sent(tmp_path, capsys):
-    scene = _scene(tmp_path)
+    scene = make_scene(tmp_path)
     (tmp_path / "shard.tar").write_bytes(b"this is no tar archive")  # img6, img7 (top 2)
-    assert _review(scene, "--top", "3") == 0
+    assert run_review(scene, "--top", "3") == 0
     err = capsys.readouterr().err
     assert err.count("review: warning: no image for t0/sub/img") == 2
     out = Path(scene["out"])
@@ -332,7 +218,7 @@ def _row_for(key: str, i: int, shard_id: str, uri: Path, scores, image_id=None,
     from schemas.labels import make_row
     from schemas.masks import label_map_to_annotations
 
-    labels = _label_map(i)
+    labels = label_map(i)
     return make_row(shard_id=shard_id, source_uri=str(uri), key=key, width=16, height=12,
                     annotations=label_map_to_annotations(labels, np.asarray(scores)),
                     presence=[0.3, 0.4, 0.3], num_categories=3, image_id=image_id,
@@ -356,12 +242,12 @@ def test_images_come_through_the_pipeline_readers_matched_on_image_id(tmp_path):
     rng = np.random.default_rng(5)
     photos = [(rng.random((12, 16, 3)) * 255).astype(np.uint8) for _ in range(5)]
     pq_path = tmp_path / "shard.pq"
-    pq.write_table(pa.table({"image": [_png(photos[0]), _png(photos[1])],
+    pq.write_table(pa.table({"image": [png_bytes(photos[0]), png_bytes(photos[1])],
                              "id": ["same", "same"]}), pq_path)
     tar_path = tmp_path / "x.tar"
     with tarfile.open(tar_path, "w") as archive:
         for name, photo in (("x.png", photos[2]), ("x.jpg", photos[3])):
-            data = _png(photo)
+            data = png_bytes(photo)
             info = tarfile.TarInfo(name)
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
@@ -389,62 +275,8 @@ def test_contact_sheet_decodes_only_allowed_formats_within_the_pixel_bound():
     ppm = io.BytesIO()
     Image.fromarray(photo).save(ppm, format="PPM")  # Pillow reads it; the pipeline does not
     assert decode_photo(ppm.getvalue()) is None
-    assert np.array_equal(decode_photo(_png(photo)), photo)
-    assert decode_photo(_png(photo), max_pixels=100) is None  # 192 pixels > 100
-
-
-def test_each_imported_batch_is_recorded_before_the_next(tmp_path, monkeypatch):
-    """A failure in the second import request leaves the first batch in reviewed.json, so
-    --exclude-reviewed does not send it again."""
-    from pipeline.review import client as client_module
-    from pipeline.review.tasks import labeling_config
-    from schemas.labels import categories_from_classes
-
-    scene = _scene(tmp_path)
-    posts = []
-
-    def fake_json(self, method, path, **kwargs):
-        if method == "GET" and path == "/api/projects":
-            return {"results": []}
-        if method == "GET":
-            return {"id": 5, "title": "t",
-                    "label_config": labeling_config(categories_from_classes(CLASSES))}
-        posts.append(json.loads(kwargs["data"]))
-        if len(posts) == 2:
-            raise client_module.LabelStudioError("Label Studio POST failed: HTTP 500")
-        return {"task_count": len(posts[-1])}
-
-    monkeypatch.setattr(client_module.LabelStudioClient, "_json", fake_json)
-    monkeypatch.setattr(client_module, "IMPORT_BATCH_BYTES", 1)  # one task per request
-    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "legacy-token")
-    args = ("--top", "3", "--label-studio-url", "http://127.0.0.1:9", "--project", "5")
-    assert _review(scene, *args) == 2
-    record = json.loads((Path(scene["out"]) / "reviewed.json").read_text())
-    first = posts[0][0]["data"]["cass_image_id"]
-    assert [b["image_ids"] for b in record["batches"]] == [[first]]
-    assert record["batches"][0]["label_studio"]["project_id"] == 5
-    posts.clear()
-    assert _review(scene, *args, "--exclude-reviewed") == 2
-    assert posts[0][0]["data"]["cass_image_id"] != first
-
-
-def test_duplicate_image_tasks_keep_the_latest_annotation(tmp_path, capsys):
-    from pipeline.audit.gt_labelstudio import LabelStudioGroundTruth
-
-    scene = _scene(tmp_path)
-    names = ["background", "cat & dog", "sky <blue>"]
-    corrected = _label_map(0)
-    corrected[5:8, 6:10] = 2
-    old = _export_task("s0/img0.png", _label_map(0), names)
-    old["annotations"][0]["updated_at"] = "2025-01-01T00:00:00Z"
-    new = _export_task("s0/img0.png", corrected, names, id=8)
-    export = [new, old]  # the latest one first: order must not matter
-    gt = LabelStudioGroundTruth(export, "e")
-    assert gt.duplicate_tasks == 1 and "1 duplicate" in gt.description
-    assert np.array_equal(gt.load("s0/img0.png").label_map, corrected)
-    report = tmp_path / "report"
-    assert _audit_export(scene, tmp_path, json.dumps(export), report) == 0
-    assert json.loads((report / "metrics.json").read_text())["num_images"] == 1
+    assert np.array_equal(decode_photo(png_bytes(photo)), photo)
+    assert decode_photo(png_bytes(photo), max_pixels=100) is None  # 192 pixels > 100
 
 
 def test_records_and_sheet_show_public_uris(tmp_path):
@@ -464,26 +296,26 @@ def test_records_and_sheet_show_public_uris(tmp_path):
 
 
 def test_random_weights_are_recorded(tmp_path):
-    scene = _scene(tmp_path)
+    scene = make_scene(tmp_path)
     _with_run_record(Path(scene["labels"]), engine={"random_weights": 3})
-    assert _review(scene, "--top", "2") == 0
+    assert run_review(scene, "--top", "2") == 0
     out = Path(scene["out"])
     tasks = json.loads((out / "tasks.json").read_text())
     assert all("random-weights-3" in t["predictions"][0]["model_version"] for t in tasks)
     assert "Random weights</b> (seed 3)" in (out / "contact_sheet.html").read_text()
     assert json.loads((out / "reviewed.json").read_text())["batches"][0]["random_weights"] == 3
     (tmp_path / "plain").mkdir()
-    plain = _scene(tmp_path / "plain")
-    assert _review(plain, "--top", "1") == 0
+    plain = make_scene(tmp_path / "plain")
+    assert run_review(plain, "--top", "1") == 0
     assert "random" not in json.loads((Path(plain["out"]) / "tasks.json").read_text())[0][
         "predictions"][0]["model_version"]
 
 
 def test_storage_options_from_a_file(tmp_path):
-    scene = _scene(tmp_path)
+    scene = make_scene(tmp_path)
     options = tmp_path / "options.json"
     options.write_text("{}")
-    assert _review(scene, "--top", "1", "--storage-options", f"@{options}") == 0
+    assert run_review(scene, "--top", "1", "--storage-options", f"@{options}") == 0
 
 
 def test_uncertainty_uses_the_confidence_map_when_rows_have_one(tmp_path):
