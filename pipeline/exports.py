@@ -37,7 +37,7 @@ from schemas.io import (
     open_uri,
     output_provenance,
 )
-from schemas.labels import STATUS_OK
+from schemas.labels import STATUS_OK, vocabulary_line
 from schemas.masks import annotations_to_label_map
 from schemas.uris import public_uri
 
@@ -174,7 +174,7 @@ def write_side_files(fs: Any, root: str, provenance: Mapping, summary: ExportSum
                                "identity": {"random_weights": provenance["random_weights"]}})
     _put(fs, f"{root}/id2label.json", json.dumps(doc["id2label"], indent=2).encode())
     if classes_txt:
-        lines = [", ".join(dict.fromkeys([c.name, *c.synonyms])) for c in cats]
+        lines = [vocabulary_line(c) for c in cats]
         _put(fs, f"{root}/classes.txt", ("\n".join(lines) + "\n").encode())
     meta = {**summary.to_dict(), "ignore_label": IGNORE_LABEL,
             "thresholds": dict(options.thresholds or {}),

@@ -184,7 +184,7 @@ def _plan_holding_lease(job: JobConfig, vocabulary: Any, shards: list[ShardSpec]
     redo = sorted(set(records) - set(skipped) - set(kept))
     actions += _clean(job.io, out_fs, out_root, check, redo, {**skipped, **{
         sid: c.record for sid, c in kept.items()}})
-    categories = categories_from_classes(vocabulary.classes)
+    categories = categories_from_classes(vocabulary.classes, vocabulary.class_names)
     record = new_record(identity, fingerprint, categories, vocabulary, job.io.public_dict(),
                         dataclasses.asdict(job.compute), lease.run_id)
     record.update(started_at=lease.started_at, stale_shards=stale,

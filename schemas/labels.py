@@ -49,7 +49,8 @@ class Category:
 
     Attributes:
         id: COCO category id (``class_index + 1``; 0 is reserved).
-        name: display name (the class's first synonym).
+        name: display name (the vocabulary line's ``[name]`` if it has one, else the
+            class's first synonym): ``background`` for VOC21's and COCO-Object's class 0.
         synonyms: every text query of the class, first one included.
     """
 
@@ -65,12 +66,29 @@ class Category:
         return cls(int(data["id"]), str(data["name"]), tuple(data.get("synonyms", ())))
 
 
-def categories_from_classes(classes: Sequence[Sequence[str]]) -> list[Category]:
-    """Categories for a vocabulary's classes (one tuple of synonyms per class, in order)."""
+def categories_from_classes(classes: Sequence[Sequence[str]],
+                            names: Sequence[str | None] | None = None) -> list[Category]:
+    """Categories for a vocabulary's classes (one tuple of synonyms per class, in order).
+
+    Args:
+        classes: per class its text queries.
+        names: per class its display name (a vocabulary line's ``[name]``), or None/absent
+            for the first query.
+    """
+    shown = list(names or [])
     return [
-        Category(index + 1, names[0].strip(), tuple(n.strip() for n in names))
-        for index, names in enumerate(classes)
+        Category(index + 1, (shown[index] if index < len(shown) and shown[index] else
+                             queries[0]).strip(), tuple(n.strip() for n in queries))
+        for index, queries in enumerate(classes)
     ]
+
+
+def vocabulary_line(category: Category) -> str:
+    """The vocabulary line that gives ``category`` back: ``[name] query, ...`` when the
+    display name is not one of its queries, else the queries (display name first)."""
+    if category.name in category.synonyms or not category.synonyms:
+        return ", ".join(dict.fromkeys([category.name, *category.synonyms]))
+    return f"[{category.name}] " + ", ".join(category.synonyms)
 
 
 def _meta(**items: str) -> dict[bytes, bytes]:

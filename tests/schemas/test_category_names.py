@@ -1,0 +1,44 @@
+"""Output categories carry the vocabulary's display names: VOC21's and COCO-Object's class 0
+is "background" in run.json, categories.json and exports, while its queries stay the preset's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from support.images import encode, photos
+
+from cass_engine import CassConfig
+from cass_engine.vocabulary import parse_vocabulary
+from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig
+from pipeline.runner import run_job
+from pipeline.stub import StubOptions
+from schemas.labels import categories_from_classes, vocabulary_line
+
+
+def test_display_names_become_category_names_and_lines_give_the_vocabulary_back():
+    vocab = parse_vocabulary("[background] sky, wall, tree\naeroplane\nperson, man\n")
+    cats = categories_from_classes(vocab.classes, vocab.class_names)
+    assert [c.name for c in cats] == ["background", "aeroplane", "person"]
+    assert cats[0].synonyms == ("sky", "wall", "tree")  # the queries, unchanged
+    again = parse_vocabulary("\n".join(vocabulary_line(c) for c in cats))
+    assert again.classes == vocab.classes and again.class_names == vocab.class_names
+    assert again.content_hash() == vocab.content_hash()
+    plain = categories_from_classes(vocab.classes)  # without names: the first query
+    assert plain[0].name == "sky" and vocabulary_line(plain[0]) == "sky, wall, tree"
+
+
+@pytest.mark.parametrize("preset", ["voc21", "coco_object"])
+def test_a_job_records_background_by_its_display_name(preset, tmp_path, ray_cpus):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(encode(photos(1, 32)[0]))
+    config = CassConfig.from_preset(preset)
+    job = JobConfig(IOConfig(str(tmp_path / "in"), str(tmp_path / "out")),
+                    ComputeConfig(batch_size=2),
+                    EngineSpec(config, stub=StubOptions()))
+    assert run_job(job, emit=lambda _: None).status == "complete"
+    document = json.loads((tmp_path / "out" / "categories.json").read_text())
+    first = document["categories"][0]
+    assert first["name"] == "background" and "background" not in first["synonyms"]
+    assert first["synonyms"][0] == config.load_vocabulary().classes[0][0]
