@@ -1,7 +1,9 @@
 """Stream a shard's rows to a local Parquet spool file in row groups, then upload it whole.
 
 A worker never holds more than one row group of a shard's rows (``group_rows``, default
-1024): each full group is encoded and appended to a temporary local file, whose size and
+1024, and ``group_bytes``, default 64 MiB of encoded masks, confidence maps and messages,
+whichever comes first: with ``--confidence`` on multi-megapixel images a few rows already
+weigh that much): each full group is encoded and appended to a temporary local file, whose size and
 SHA-256 are known when it is closed. The finished file is uploaded in one piece
 (``put_file``: a multipart upload on object stores; on local disks a copy to a temporary name
 renamed into place), so the output object appears whole or not at all. Spool files carry
@@ -33,6 +35,7 @@ from .storage import is_local, retry
 
 PARQUET_COMPRESSION = "zstd"
 GROUP_ROWS = 1024
+GROUP_BYTES = 64 * 2**20
 SPOOL_PREFIX = "cass-spool-"
 
 
@@ -69,17 +72,33 @@ class SpooledTable:
             raise
 
 
+def row_payload_bytes(row: Mapping) -> int:
+    """The bytes a label row holds beyond its fixed-size fields: RLE counts strings,
+    bytes/str values (confidence PNG, error message, URIs) and presence/score lists."""
+    total = 0
+    for value in row.values():
+        if isinstance(value, (bytes, str)):
+            total += len(value)
+        elif isinstance(value, (list, tuple)):
+            total += 8 * len(value)
+    for annotation in row.get("annotations") or ():
+        total += len(annotation.get("segmentation", {}).get("counts") or "") + 64
+    return total
+
+
 class RowSpool:
     """Label rows -> a local Parquet file, one row group at a time (bounded memory)."""
 
     def __init__(self, run_metadata: Mapping, group_rows: int = GROUP_ROWS,
-                 directory: str | None = None) -> None:
+                 directory: str | None = None, group_bytes: int = GROUP_BYTES) -> None:
         """Open a spool file.
 
         Args:
             run_metadata: JSON stored in the Parquet file metadata (as ``rows_to_table``).
             group_rows: rows per row group (the most rows held in memory).
             directory: where the spool file lives (default: the temporary directory).
+            group_bytes: a row group is also written once its rows' payload (RLE counts,
+                confidence PNGs, messages; see :func:`row_payload_bytes`) reaches this.
         """
         schema = label_schema()
         self._schema = schema.with_metadata(with_run_metadata(schema, run_metadata))
@@ -88,8 +107,9 @@ class RowSpool:
         os.close(handle)
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
             self.path, self._schema, compression=PARQUET_COMPRESSION)
-        self._group_rows = group_rows
+        self._group_rows, self._group_bytes = group_rows, group_bytes
         self._rows: list[Mapping] = []
+        self._held_bytes = 0
         self.num_rows = 0
         self._errors: collections.Counter = collections.Counter()
         self._annotations = 0
@@ -101,13 +121,19 @@ class RowSpool:
         self._annotations += len(row["annotations"] or [])
         if row["status"] != "ok":
             self._errors[row["status"]] += 1
-        if len(self._rows) >= self._group_rows:
+        self._held_bytes += row_payload_bytes(row)
+        if len(self._rows) >= self._group_rows or self._held_bytes >= self._group_bytes:
             self._flush()
+
+    @property
+    def held_bytes(self) -> int:
+        """Payload bytes of the rows not yet written out."""
+        return self._held_bytes
 
     def _flush(self) -> None:
         if self._rows:
             self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self._schema))
-            self._rows = []
+            self._rows, self._held_bytes = [], 0
 
     def close(self) -> SpooledTable:
         """Write the last row group and the footer; returns the finished file."""
