@@ -156,3 +156,15 @@ def test_cpu_processes_setting():
         ComputeConfig(cpu_processes=-1)
     with pytest.raises(ConfigError, match="cpu_processes"):
         ComputeConfig(cpu_processes="many")
+
+
+def test_cpu_processes_flag(tmp_path):
+    from jobs.label import build_parser, job_from_args
+
+    base = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    assert job_from_args(build_parser().parse_args(base)).compute.cpu_processes == 0
+    for value, expected in (("3", 3), ("auto", "auto")):
+        args = build_parser().parse_args([*base, "--cpu-processes", value])
+        assert job_from_args(args).compute.cpu_processes == expected
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--cpu-processes", "-2"])
