@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +34,10 @@ import numpy as np
 from .decode import DecodedImage, decode_image
 from .encode import encode_result, to_numpy
 from .readers import RawImage
+
+#: Where decoded pixels travel from a child to its actor (a memory-backed file system), when
+#: it exists; else they are pickled through the pool's pipe.
+PIXEL_DIR = "/dev/shm"  # noqa: S108 - files are created with mkstemp-like unique names
 
 #: Environment variables that cap the threads of numeric libraries in a child.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -58,10 +64,59 @@ class ArrayResult:
 
     @classmethod
     def of(cls, result: Any, confidence: bool) -> ArrayResult:
-        """Copy a result's arrays off torch (and off the device)."""
+        """Copy a result's arrays off torch (and off the device); a label map whose values
+        fit travels as uint8/uint16 (the same runs, an eighth or a quarter of the bytes)."""
         value = getattr(result, "confidence", None) if confidence else None
-        return cls(to_numpy(result.labels), to_numpy(result.mask_scores),
+        return cls(_narrow(to_numpy(result.labels)), to_numpy(result.mask_scores),
                    to_numpy(result.presence), None if value is None else to_numpy(value))
+
+
+@dataclass(frozen=True)
+class PixelFile:
+    """Decoded pixels left by a child in :data:`PIXEL_DIR` for its actor to take.
+
+    Attributes:
+        path: the file (raw ``[H, W, 3]`` uint8 bytes).
+        shape: ``(H, W, 3)``.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+
+    def take(self) -> np.ndarray:
+        """The pixels (the file is removed)."""
+        try:
+            return np.fromfile(self.path, dtype=np.uint8).reshape(self.shape)
+        finally:
+            os.unlink(self.path)
+
+
+def _narrow(labels: np.ndarray) -> np.ndarray:
+    if labels.dtype.kind not in "iu" or labels.itemsize <= 2 or labels.size == 0:
+        return labels
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high > np.iinfo(np.uint16).max:
+        return labels
+    return labels.astype(np.uint8 if high <= np.iinfo(np.uint8).max else np.uint16)
+
+
+def decode_to_file(data: bytes, max_image_pixels: int, prefix: str) -> DecodedImage:
+    """:func:`~pipeline.decode.decode_image` in a child; the pixels of an ``ok`` image go to
+    a :class:`PixelFile` (``rgb`` holds it) instead of through the pool's pipe."""
+    decoded = decode_image(data, max_image_pixels)
+    if decoded.rgb is not None and prefix:
+        fd, path = tempfile.mkstemp(prefix=prefix, dir=PIXEL_DIR)
+        with os.fdopen(fd, "wb") as out:
+            out.write(np.ascontiguousarray(decoded.rgb).data)
+        decoded.rgb = PixelFile(path, decoded.rgb.shape)
+    return decoded
+
+
+def taken(decoded: DecodedImage) -> DecodedImage:
+    """A decoded image with its pixels in memory (taken from their file, if any)."""
+    if isinstance(decoded.rgb, PixelFile):
+        decoded.rgb = decoded.rgb.take()
+    return decoded
 
 
 def resolve_processes(setting: int | str, cpus: float | None) -> int:
@@ -91,6 +146,8 @@ class CpuProcesses:
         self.processes, self.max_image_pixels = processes, max_image_pixels
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
+        self._prefix = f"cass-pixels-{os.getpid()}-{uuid.uuid4().hex[:8]}-" \
+            if os.path.isdir(PIXEL_DIR) else ""
 
     def pool(self) -> ProcessPoolExecutor:
         """The live pool (started, or restarted after a child died)."""
@@ -100,12 +157,14 @@ class CpuProcesses:
                 context.set_forkserver_preload(["pipeline.cpu_pool"])  # not the actor's main
                 self._pool = ProcessPoolExecutor(
                     self.processes, mp_context=context, initializer=_init_child,
-                    initargs=(os.getpid(), self.max_image_pixels))
+                    initargs=(os.getpid(), self.max_image_pixels, self._prefix))
             return self._pool
 
     def decode(self, data: bytes) -> Future:
-        """``Future[DecodedImage]`` of :func:`~pipeline.decode.decode_image` in a child."""
-        return self.pool().submit(decode_image, data, self.max_image_pixels)
+        """``Future[DecodedImage]`` of :func:`~pipeline.decode.decode_image` in a child (its
+        pixels may be a :class:`PixelFile`: see :func:`taken`)."""
+        return self.pool().submit(decode_to_file, data, self.max_image_pixels,
+                                  self._prefix)
 
     def encode(self, shard_id: str, item: RawImage, decoded: DecodedImage, result: Any,
                num_classes: int, confidence: bool) -> Future:
@@ -127,14 +186,16 @@ class CpuProcesses:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
-        """Stop the children (waits for them)."""
+        """Stop the children (waits for them) and remove pixel files nobody took."""
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
+        _remove_pixel_files(self._prefix)
 
-def _init_child(owner_pid: int, max_image_pixels: int) -> None:
+
+def _init_child(owner_pid: int, max_image_pixels: int, prefix: str) -> None:
     """Runs first in every child: one thread per numeric library, the pixel limit, and a
     watcher that ends the child when the actor that owns it is gone."""
     for name in THREAD_VARIABLES:
@@ -143,15 +204,30 @@ def _init_child(owner_pid: int, max_image_pixels: int) -> None:
 
     Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_image_pixels)
     started = _start_time(owner_pid)
-    threading.Thread(target=_watch_owner, args=(owner_pid, started), daemon=True).start()
+    threading.Thread(target=_watch_owner, args=(owner_pid, started, prefix),
+                     daemon=True).start()
 
 
-def _watch_owner(pid: int, started: str | None, interval_s: float = 0.5) -> None:
-    """Exit once the owner is gone. Its pid is watched, not this child's parent: forkserver
-    children keep the forkserver alive, and each one is a child of the forkserver."""
+def _watch_owner(pid: int, started: str | None, prefix: str,
+                 interval_s: float = 0.5) -> None:
+    """Exit once the owner is gone, removing the pixel files it left. Its pid is watched,
+    not this child's parent: forkserver children keep the forkserver alive, and each one is
+    a child of the forkserver."""
     while _start_time(pid) == started and started != "gone":
         time.sleep(interval_s)
+    _remove_pixel_files(prefix)
     os._exit(0)
+
+
+def _remove_pixel_files(prefix: str) -> None:
+    if not prefix:
+        return
+    for name in os.listdir(PIXEL_DIR):
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join(PIXEL_DIR, name))
+            except FileNotFoundError:  # another child removed it
+                pass
 
 
 def _start_time(pid: int) -> str | None:

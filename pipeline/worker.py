@@ -37,7 +37,7 @@ from PIL import Image
 from schemas.io import open_uri
 
 from .config import ComputeConfig, EngineSpec, IOConfig
-from .cpu_pool import CpuProcessDied, CpuProcesses, resolve_processes
+from .cpu_pool import CpuProcessDied, CpuProcesses, resolve_processes, taken
 from .decode import DecodedImage, decode_image, max_encoded_bytes
 from .encode import encode_result, failure_row
 from .engine import build_engine, choose_device, set_engine_vocabulary
@@ -377,7 +377,7 @@ def _fault(exc: BaseException, batch: int, alone: int | None = None) -> EngineFa
 def _resolved(pair: tuple[RawImage, DecodedImage | Future]) -> Item:
     """An item and its decoded image (waiting for a decode process when it has one)."""
     item, decoded = pair
-    return item, decoded.result() if isinstance(decoded, Future) else decoded
+    return item, taken(decoded.result()) if isinstance(decoded, Future) else decoded
 
 
 def _done(value: Any) -> Future:

@@ -16,7 +16,7 @@ from support.images import edge_case_images, encode, photo, tar_bytes
 
 from cass_engine import CassConfig
 from pipeline.config import ComputeConfig, ConfigError, EngineSpec, IOConfig
-from pipeline.cpu_pool import CpuProcessDied, CpuProcesses, resolve_processes
+from pipeline.cpu_pool import PIXEL_DIR, CpuProcessDied, CpuProcesses, resolve_processes
 from pipeline.shards import list_shards
 from pipeline.stub import StubOptions
 from pipeline.worker import LabelWorker, WorkerSpec
@@ -73,6 +73,8 @@ def test_processes_write_the_same_rows_as_threads(tmp_path, vocab_file):
             record = worker.process_shard(list_shards(worker.spec.io)[0])
             if processes:
                 assert len(worker._cpu.pids()) == 2  # the work really ran in two children
+                prefix = worker._cpu._prefix  # every decoded image's pixel file was taken
+                assert prefix and not [n for n in os.listdir(PIXEL_DIR) if n.startswith(prefix)]
         finally:
             worker.close()
         assert record["num_images"] == len(cases)
@@ -117,7 +119,7 @@ def test_memory_error_in_a_child_fails_the_attempt_not_the_image(tmp_path, vocab
                                                                  monkeypatch):
     _mixed_shard(tmp_path)
     worker = _worker(tmp_path, vocab_file, "out", 1)
-    monkeypatch.setattr("pipeline.cpu_pool.decode_image", out_of_memory)  # runs in the child
+    monkeypatch.setattr("pipeline.cpu_pool.decode_to_file", out_of_memory)  # runs in the child
     try:
         with pytest.raises(MemoryError, match="no memory left"):
             worker.process_shard(list_shards(worker.spec.io)[0])

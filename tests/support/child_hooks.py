@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 
-def out_of_memory(data: bytes, max_image_pixels: int) -> None:
-    """Stands in for ``decode_image`` in a child that is short of memory."""
+def out_of_memory(data: bytes, max_image_pixels: int, prefix: str) -> None:
+    """Stands in for ``pipeline.cpu_pool.decode_to_file`` in a child short of memory."""
     raise MemoryError("no memory left for the pixels")
