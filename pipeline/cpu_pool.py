@@ -13,8 +13,9 @@ same :func:`~pipeline.decode.decode_image`); a ``MemoryError`` in a child is re-
 actor and fails the attempt; a child that dies (killed, out of memory) breaks the pool: the
 attempt fails with :class:`CpuProcessDied` (the scheduler retries the shard) and the worker
 starts a fresh pool. Children run one thread each (``OMP_NUM_THREADS`` and friends = 1) and
-exit by themselves when the actor is gone. Like any ``spawn``/``forkserver`` child, a child
-imports the actor's main module first (guarded by ``__name__ == "__main__"``, as Ray's is).
+exit by themselves when the actor is gone. The forkserver imports this module and the
+actor's main module (guarded by ``__name__ == "__main__"``, as Ray's worker is) once; the
+children are forked from it with both loaded.
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ class CpuProcesses:
         with self._lock:
             if self._pool is None:
                 context = multiprocessing.get_context("forkserver")
-                context.set_forkserver_preload(["pipeline.cpu_pool"])  # not the actor's main
+                # imported once in the forkserver, which children are forked from
+                context.set_forkserver_preload(["__main__", "pipeline.cpu_pool"])
                 self._pool = ProcessPoolExecutor(
                     self.processes, mp_context=context, initializer=_init_child,
                     initargs=(os.getpid(), self.max_image_pixels, self._prefix))
