@@ -1,11 +1,12 @@
 """The per-shard work of one engine worker: read -> decode -> label -> encode -> write.
 
 :class:`LabelWorker` is a plain class (tested without Ray); :mod:`pipeline.runner` wraps it
-as a Ray actor. Decoding and RLE encoding run on a thread pool so the engine does not wait
-for them; the engine itself is called under a lock, so two shards can be in flight per
-worker (one decoding or writing while the other uses the engine). Queues are bounded: at
-most ``batch_size * prefetch_batches`` decoded images ahead of the engine, and at most
-``2 * batch_size`` results waiting for encoding.
+as a Ray actor. Decoding and RLE encoding run on a thread pool (or, with ``cpu_processes``,
+in processes: :mod:`pipeline.cpu_pool`) so the engine does not wait for them; the engine
+itself is called under a lock, so two shards can be in flight per worker (one decoding or
+writing while the other uses the engine). Queues are bounded: at most ``batch_size *
+prefetch_batches`` decoded images ahead of the engine, and at most ``2 * batch_size`` results
+waiting for encoding.
 
 Engine failures are sorted by cause. An image the engine refuses (``ImageInputError``) is an
 ``engine_error`` row. Any other failure of a batch (a CUDA error, ``MemoryError``, a bug) is
