@@ -181,11 +181,14 @@ class CpuProcesses:
             return list(self._pool._processes) if self._pool else []  # noqa: SLF001
 
     def restart(self) -> None:
-        """Drop a broken pool (its children are gone); the next use starts a fresh one."""
+        """Drop the pool if it is broken (a child died); the next use starts a fresh one. A
+        pool started since (by another shard of this worker) is kept."""
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool = self._pool
+            if pool is None or not getattr(pool, "_broken", True):
+                return
+            self._pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         """Stop the children (waits for them) and remove pixel files nobody took."""

@@ -107,7 +107,10 @@ def test_a_killed_child_fails_the_attempt_and_the_retry_completes(tmp_path, voca
         assert not (tmp_path / "out" / "_done").exists()  # nothing certified
         monkeypatch.setattr(CpuProcesses, "decode", decode)
         record = worker.process_shard(shard, attempt=1)  # a fresh pool
-        assert killed[0] not in worker._cpu.pids()
+        healthy = worker._cpu.pids()
+        assert killed[0] not in healthy
+        worker._cpu.restart()  # a late restart (another shard's failure) keeps a healthy pool
+        assert worker._cpu.pids() == healthy
     finally:
         worker.close()
     rows = _rows(tmp_path / "out")
@@ -170,3 +173,21 @@ def test_cpu_processes_flag(tmp_path):
         assert job_from_args(args).compute.cpu_processes == expected
     with pytest.raises(SystemExit):
         build_parser().parse_args([*base, "--cpu-processes", "-2"])
+
+
+def test_a_ray_job_with_cpu_processes_labels_every_image(ray_cpus, tmp_path, vocab_file):
+    from pipeline.config import JobConfig, OutputPolicy
+    from pipeline.runner import run_job
+
+    cases = _mixed_shard(tmp_path)
+    config = CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab_file))
+    job = JobConfig(IOConfig(str(tmp_path / "in"), str(tmp_path / "out"),
+                             max_image_pixels=LIMIT),
+                    ComputeConfig(actors=1, gpus_per_actor=0, batch_size=4, cpu_processes=2,
+                                  progress_interval_s=0.5),
+                    EngineSpec(config, stub=StubOptions()),
+                    policy=OutputPolicy(output_is_shared=True))
+    summary = run_job(job, emit=lambda _: None)  # the forkserver runs inside the actor
+    assert summary.status == "complete"
+    rows = _rows(tmp_path / "out")
+    assert len(rows) == len(cases) and sum(r["status"] == "ok" for r in rows) == 20
