@@ -14,7 +14,8 @@ Builds ``--images`` JPEG photos (scikit-image) into WebDataset tar shards, then 
 Prints images/s of each, the pipeline/engine ratio (target >= 90 %), and the peak resident
 memory of the driver and of each actor. The last line is
 ``cpu_ms_per_image=X pipeline_images_per_s=Y ratio=Z`` for the local-disk run: CPU time of
-the driver and of every Ray worker process (actors, tasks) during the run, minus the engine's
+the driver and of every Ray worker process (actors, tasks, and the actors' decode processes
+of ``--cpu-processes``) during the run, minus the engine's
 own CPU time (measured in the engine-alone process), per image. The stub engine's
 ``--stub-ms`` simulates an accelerator (it sleeps without holding the GIL or a CPU), which
 is what the pipeline must keep fed; ``--engine real`` runs CASS with random weights (slow
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--actors", type=int, default=1, help="default 1")
     p.add_argument("--batch-size", type=int, default=8, help="default 8")
     p.add_argument("--decode-threads", type=int, default=2, help="default 2")
+    p.add_argument("--cpu-processes", default="0", metavar="N|auto",
+                   help="decode/encode processes per actor (0: threads; default 0)")
     p.add_argument("--no-s3", action="store_true", help="skip the S3 measurement")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     p.add_argument("--engine-only-in", type=Path, help=argparse.SUPPRESS)
@@ -170,14 +173,17 @@ class CpuMeter:
 
 
 def _is_ray_worker(proc) -> bool:
-    """A Ray worker process (actor or task), not one of Ray's own agents."""
+    """A Ray worker process (actor or task) or a decode process of an actor, not one of
+    Ray's own agents."""
     import psutil
 
     try:
         name = proc.name()
         if name in ("ray::DashboardAgent", "ray::RuntimeEnvAgent"):
             return False
-        return name.startswith("ray::") or "default_worker.py" in " ".join(proc.cmdline())
+        cmdline = " ".join(proc.cmdline())
+        return (name.startswith("ray::") or "default_worker.py" in cmdline
+                or "multiprocessing.forkserver" in cmdline)  # --cpu-processes children
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 
@@ -188,6 +194,7 @@ def run_pipeline(args, spec: EngineSpec, input_uri: str, output_uri: str,
     compute = ComputeConfig(actors=args.actors, batch_size=args.batch_size,
                             gpus_per_actor=1.0 if args.device == "cuda" else 0.0,
                             decode_threads=args.decode_threads, progress_interval_s=10.0,
+                            cpu_processes=_processes(args.cpu_processes),
                             cpus_per_actor=max(1, (os.cpu_count() or 1) // args.actors))
     started = time.monotonic()
     with CpuMeter() as meter:
@@ -202,6 +209,10 @@ def run_pipeline(args, spec: EngineSpec, input_uri: str, output_uri: str,
         "driver_peak_mb": res["driver_peak_memory_bytes"] / 2**20,
         "actor_peak_mb": [m / 2**20 if m else None for m in res["worker_peak_memory_bytes"]],
     }
+
+
+def _processes(value: str) -> int | str:
+    return value if value == "auto" else int(value)
 
 
 def engine_alone_subprocess(args: argparse.Namespace, vocab: Path,

@@ -140,6 +140,10 @@ def _compute_arguments(group: argparse._ArgumentGroup) -> None:
                        help=f"shards in flight per actor (default: {d('shards_per_actor')})")
     group.add_argument("--decode-threads", type=int,
                        help=f"decode/encode threads per actor (default: {d('decode_threads')})")
+    group.add_argument("--cpu-processes", type=_cpu_processes, metavar="N|auto",
+                       help="decode and encode in N processes per actor instead of its threads "
+                       "(past the GIL: for many-core GPU nodes); auto = the actor's CPUs minus "
+                       f"one (default: {d('cpu_processes')}, threads)")
     group.add_argument("--max-attempts", type=int,
                        help=f"attempts per shard before it is reported failed "
                        f"(default: {d('max_attempts')})")
@@ -158,6 +162,19 @@ def _compute_arguments(group: argparse._ArgumentGroup) -> None:
                        f"(default: {d('progress_interval_s')})")
 
 
+def _cpu_processes(value: str) -> int | str:
+    """``--cpu-processes``: a count >= 0, or ``auto``."""
+    if value == "auto":
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 or 'auto', got {value!r}")
+    return count
+
+
 def job_from_args(args: argparse.Namespace) -> JobConfig:
     """Typed job configuration from parsed arguments.
 
@@ -174,6 +191,7 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
         actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
         shards_per_actor=args.shards_per_actor, decode_threads=args.decode_threads,
+        cpu_processes=args.cpu_processes,
         max_attempts=args.max_attempts, progress_interval_s=args.progress_interval,
         startup_timeout_s=args.startup_timeout)))
     if args.stall_timeout is not None:  # 0 disables the watchdog

@@ -109,7 +109,11 @@ class ComputeConfig:
         batch_size: images per engine call.
         shards_per_actor: shards in flight per actor (2 overlaps one shard's decoding and
             writing with the other's engine work).
-        decode_threads: threads decoding images inside each actor.
+        decode_threads: threads decoding images inside each actor (with ``cpu_processes``:
+            threads reading images and handing them to the processes).
+        cpu_processes: decode and RLE-encode in this many processes per actor instead of
+            in the actor's threads (past its GIL: see :mod:`pipeline.cpu_pool`); 0 = threads;
+            ``auto`` = the actor's CPUs minus one (0 below 3 CPUs).
         prefetch_batches: decoded batches queued ahead of the engine, per shard.
         max_attempts: attempts per shard before it is reported as failed.
         progress_interval_s: seconds between progress lines.
@@ -126,6 +130,7 @@ class ComputeConfig:
     batch_size: int = 8
     shards_per_actor: int = 2
     decode_threads: int = 2
+    cpu_processes: int | Literal["auto"] = 0
     prefetch_batches: int = 2
     max_attempts: int = 3
     progress_interval_s: float = 10.0
@@ -140,6 +145,9 @@ class ComputeConfig:
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.shards_per_actor >= 1, "shards_per_actor must be >= 1")
         _check(self.decode_threads >= 1, "decode_threads must be >= 1")
+        _check(self.cpu_processes == "auto" or (isinstance(self.cpu_processes, int)
+                                                and self.cpu_processes >= 0),
+               "cpu_processes must be >= 0 or 'auto'")
         _check(self.prefetch_batches >= 1, "prefetch_batches must be >= 1")
         _check(self.max_attempts >= 1, "max_attempts must be >= 1")
         _check(self.progress_interval_s > 0, "progress_interval_s must be > 0")

@@ -29,11 +29,11 @@ def result_to_row(shard_id: str, item: RawImage, decoded: DecodedImage, result: 
     Raises:
         ValueError: the result does not match the image or the vocabulary.
     """
-    labels = _numpy(result.labels)
+    labels = to_numpy(result.labels)
     if labels.shape != (decoded.height, decoded.width):
         raise ValueError(f"label map {labels.shape} != image {(decoded.height, decoded.width)}")
-    scores = np.clip(_numpy(result.mask_scores).astype(np.float64), 0.0, 1.0)
-    presence = np.clip(_numpy(result.presence).astype(np.float64), 0.0, 1.0)
+    scores = np.clip(to_numpy(result.mask_scores).astype(np.float64), 0.0, 1.0)
+    presence = np.clip(to_numpy(result.presence).astype(np.float64), 0.0, 1.0)
     annotations = label_map_to_annotations(labels, scores)
     return make_row(shard_id=shard_id, source_uri=item.source_uri, key=item.key,
                     width=decoded.width, height=decoded.height, annotations=annotations,
@@ -47,7 +47,7 @@ def _confidence(result: Any, shape: tuple[int, ...]) -> bytes:
     value = getattr(result, "confidence", None)
     if value is None:
         raise ValueError("the engine returned no confidence map (--confidence)")
-    value = _numpy(value)
+    value = to_numpy(value)
     if value.shape != shape:
         raise ValueError(f"confidence map {value.shape} != label map {shape}")
     return encode_confidence(value)
@@ -63,7 +63,21 @@ def failure_row(shard_id: str, item: RawImage, decoded: DecodedImage | None,
                      image_id=item.image_id)
 
 
-def _numpy(value: Any) -> np.ndarray:
+def encode_result(shard_id: str, item: RawImage, decoded: DecodedImage, result: Any,
+                  num_classes: int, confidence: bool = False) -> dict:
+    """The row of one engine result: :func:`result_to_row`, or an ``engine_error`` row when
+    the result is an exception of an image that failed alone or does not fit its image."""
+    if isinstance(result, Exception):
+        return failure_row(shard_id, item, decoded, "engine_error",
+                           f"{type(result).__name__}: {result}")
+    try:
+        return result_to_row(shard_id, item, decoded, result, num_classes, confidence)
+    except ValueError as exc:
+        return failure_row(shard_id, item, decoded, "engine_error", str(exc))
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A torch tensor (on any device) or array-like as a numpy array."""
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()
     return np.asarray(value)

@@ -1,11 +1,12 @@
 """The per-shard work of one engine worker: read -> decode -> label -> encode -> write.
 
 :class:`LabelWorker` is a plain class (tested without Ray); :mod:`pipeline.runner` wraps it
-as a Ray actor. Decoding and RLE encoding run on a thread pool so the engine does not wait
-for them; the engine itself is called under a lock, so two shards can be in flight per
-worker (one decoding or writing while the other uses the engine). Queues are bounded: at
-most ``batch_size * prefetch_batches`` decoded images ahead of the engine, and at most
-``2 * batch_size`` results waiting for encoding.
+as a Ray actor. Decoding and RLE encoding run on a thread pool (or, with ``cpu_processes``,
+in processes: :mod:`pipeline.cpu_pool`) so the engine does not wait for them; the engine
+itself is called under a lock, so two shards can be in flight per worker (one decoding or
+writing while the other uses the engine). Queues are bounded: at most ``batch_size *
+prefetch_batches`` decoded images ahead of the engine, and at most ``2 * batch_size`` results
+waiting for encoding.
 
 Engine failures are sorted by cause. An image the engine refuses (``ImageInputError``) is an
 ``engine_error`` row. Any other failure of a batch (a CUDA error, ``MemoryError``, a bug) is
@@ -27,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -36,8 +38,9 @@ from PIL import Image
 from schemas.io import open_uri
 
 from .config import ComputeConfig, EngineSpec, IOConfig
+from .cpu_pool import CpuProcessDied, CpuProcesses, resolve_processes, taken
 from .decode import DecodedImage, decode_image, max_encoded_bytes
-from .encode import failure_row, result_to_row
+from .encode import encode_result, failure_row
 from .engine import build_engine, choose_device, set_engine_vocabulary
 from .lease import check_holder
 from .memory import peak_rss_bytes
@@ -109,6 +112,8 @@ class LabelWorker:
         self.engine = build_engine(spec.engine, self.device)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(spec.compute.decode_threads, "cass-decode")
+        processes = resolve_processes(spec.compute.cpu_processes, cpus)
+        self._cpu = CpuProcesses(processes, spec.io.max_image_pixels) if processes else None
         self._in_fs, _ = open_uri(spec.io.input_uri, spec.io.storage_options)
         self._out_fs, self._out_root = open_uri(spec.io.output_uri, spec.io.storage_options)
         self._run_metadata = dict(spec.run_metadata)
@@ -176,6 +181,13 @@ class LabelWorker:
     def peak_memory_bytes(self) -> int:
         """Peak resident memory of this process."""
         return peak_rss_bytes()
+
+    def close(self) -> None:
+        """Stop this worker's decode threads and processes (an actor's children also end by
+        themselves when the actor dies)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._cpu is not None:
+            self._cpu.close()
 
     # ------------------------------------------------------------------ work
     def process_shard(self, shard: ShardSpec, max_images: int | None = None,
@@ -251,10 +263,20 @@ class LabelWorker:
 
         Raises:
             EngineFault: see the module docstring.
+            CpuProcessDied: a decode/encode process died (the pool is restarted).
         """
+        try:
+            yield from self._rows(shard_id, items, isolate)
+        except BrokenProcessPool as exc:
+            if self._cpu is not None:
+                self._cpu.restart()
+            raise CpuProcessDied(f"a decode/encode process of this worker died "
+                                 f"(--cpu-processes): {exc}") from exc
+
+    def _rows(self, shard_id: str, items: Iterable[RawImage], isolate: bool) -> Iterator[dict]:
         compute = self.spec.compute
-        decoded = _ordered_map(self._pool, self._load_and_decode, items,
-                               compute.batch_size * compute.prefetch_batches)
+        decoded = map(_resolved, _ordered_map(self._pool, self._load_and_decode, items,
+                                              compute.batch_size * compute.prefetch_batches))
         pending: deque[Future] = deque()
         self._live.setdefault(shard_id, ShardCounts())
         for batch in _batched(decoded, compute.batch_size):
@@ -277,7 +299,7 @@ class LabelWorker:
         with self._live_lock:
             self._beats[shard_id] = self._beats.get(shard_id, 0) + 1
 
-    def _load_and_decode(self, item: RawImage) -> Item:
+    def _load_and_decode(self, item: RawImage) -> tuple[RawImage, DecodedImage | Future]:
         if item.error is not None:
             return item, DecodedImage(None, None, None, *item.error)
         try:
@@ -286,6 +308,8 @@ class LabelWorker:
             return item, DecodedImage(None, None, None, "read_error", f"{type(exc).__name__}: "
                                       f"{exc}")
         item.data = None
+        if self._cpu is not None:
+            return item, self._cpu.decode(data)
         return item, decode_image(data, self.spec.io.max_image_pixels)
 
     def _label_batch(self, shard_id: str, batch: list[Item], isolate: bool) -> list[Future]:
@@ -299,8 +323,13 @@ class LabelWorker:
                 continue
             result = next(results)
             dec.rgb = None
-            futures.append(self._pool.submit(_encode, shard_id, item, dec, result, num_classes,
-                                             self.spec.io.confidence))
+            confidence = self.spec.io.confidence
+            if self._cpu is not None and not isinstance(result, Exception):
+                futures.append(self._cpu.encode(shard_id, item, dec, result, num_classes,
+                                                confidence))
+            else:
+                futures.append(self._pool.submit(encode_result, shard_id, item, dec, result,
+                                                 num_classes, confidence))
         return futures
 
     def _segment(self, images: list, isolate: bool = False) -> list:
@@ -346,15 +375,10 @@ def _fault(exc: BaseException, batch: int, alone: int | None = None) -> EngineFa
                        f"{type(exc).__name__}: {str(exc)[:300]}")
 
 
-def _encode(shard_id: str, item: RawImage, dec: DecodedImage, result: Any,
-            num_classes: int, confidence: bool = False) -> dict:
-    if isinstance(result, Exception):
-        return failure_row(shard_id, item, dec, "engine_error",
-                           f"{type(result).__name__}: {result}")
-    try:
-        return result_to_row(shard_id, item, dec, result, num_classes, confidence)
-    except ValueError as exc:
-        return failure_row(shard_id, item, dec, "engine_error", str(exc))
+def _resolved(pair: tuple[RawImage, DecodedImage | Future]) -> Item:
+    """An item and its decoded image (waiting for a decode process when it has one)."""
+    item, decoded = pair
+    return item, taken(decoded.result()) if isinstance(decoded, Future) else decoded
 
 
 def _done(value: Any) -> Future:
