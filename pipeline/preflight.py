@@ -64,7 +64,7 @@ def check_hub_weights(engine: Any, timeout_s: float = 5.0) -> None:
     an HTTP(S) proxy.
 
     Args:
-        engine: the job's :class:`~pipeline.engine.EngineSpec`.
+        engine: the job's :class:`~pipeline.config.EngineSpec`.
         timeout_s: bound of the connection attempt to the hub.
 
     Raises:
