@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; optional flags default to None (help texts state the defaults)."""
     parser = argparse.ArgumentParser(prog="export.py", description=__doc__.split("\n")[0])
     parser.add_argument("--labels", required=True, help="labeling output URI (has run.json)")
-    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                        help="png: DIR/<image_id>.png label maps (class index, 255 = ignore) "
+                        "with classes.txt and id2label.json; hf: a datasets folder "
+                        "(DIR/data/train-<shard>.parquet: image, label, confidence); coco: "
+                        "DIR/annotations.json with the RLE masks")
     parser.add_argument("--out", required=True, help="export directory (new or empty; any URI)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--ignore-below", type=float, metavar="T",

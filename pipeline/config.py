@@ -211,8 +211,14 @@ class EngineSpec:
         object.__setattr__(self, "vocabulary_hash", vocabulary.content_hash())
 
     def identity(self) -> dict:
-        """What determines the labels, as JSON (for run records and the resume check)."""
+        """What determines the labels, as JSON (for run records and the resume check).
+
+        The vocabulary's display names (``[name]`` lines) are part of it when it has any:
+        they name the output categories, so shards of one output cannot disagree on them."""
+        display = ({"display_names": list(self.vocabulary.class_names)}
+                   if self.vocabulary.display_names else {})
         return {
+            **display,
             "engine": "stub" if self.stub is not None else "cass",
             "config": self.config.to_dict(),
             "clip_weights": public_uri(self.clip_weights),

@@ -15,6 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
+from cass_engine.overlay import palette as engine_palette
+
 from .presence import PresenceAccumulator
 from .worst import WorstEntry
 
@@ -36,10 +38,10 @@ def _literal(texts: Iterable[Text]) -> None:
 
 
 def palette(num_gt: int) -> np.ndarray:
-    """``[G + 2, 3]`` uint8 colours: categories, then OTHER (grey), then ignored (black)."""
-    rng = np.random.default_rng(12345)
-    colors = rng.integers(40, 256, size=(num_gt, 3), dtype=np.int64).astype(np.uint8)
-    return np.concatenate([colors, [OTHER_RGB, IGNORED_RGB]]).astype(np.uint8)
+    """``[G + 2, 3]`` uint8 colours: categories (the engine overlay's palette, in which
+    neighbouring classes are easy to tell apart), then OTHER (grey), then ignored (black)."""
+    colors = engine_palette(num_gt)[:num_gt].astype(np.uint8)
+    return np.concatenate([colors.reshape(-1, 3), [OTHER_RGB, IGNORED_RGB]]).astype(np.uint8)
 
 
 def colorize(eval_map: np.ndarray, colors: np.ndarray) -> np.ndarray:

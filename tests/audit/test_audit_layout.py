@@ -16,8 +16,8 @@ from support.layout import imported_modules, module_names
 PIPELINE = REPO / "pipeline"
 ROOMS = ("audit", "review")
 #: The labeling machinery of ``pipeline/`` that audits and reviews must not import.
-MACHINERY = ("runner", "scheduler", "worker", "pool", "plan", "lease", "record", "outcome",
-             "writer")
+MACHINERY = ("runner", "scheduler", "watchdog", "worker", "cpu_pool", "pool", "plan", "lease",
+             "record", "outcome", "writer", "spool", "encode")
 
 
 def forbidden_imports(path: Path, package: str) -> list[str]:

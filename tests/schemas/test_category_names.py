@@ -42,3 +42,33 @@ def test_a_job_records_background_by_its_display_name(preset, tmp_path, ray_cpus
     first = document["categories"][0]
     assert first["name"] == "background" and "background" not in first["synonyms"]
     assert first["synonyms"][0] == config.load_vocabulary().classes[0][0]
+
+
+def test_display_names_are_part_of_the_runs_identity(tmp_path):
+    from pipeline.record import fingerprint_of
+
+    def spec(first_line: str) -> EngineSpec:
+        path = tmp_path / f"{abs(hash(first_line))}.txt"
+        path.write_text(f"{first_line}\ntree\n")
+        config = CassConfig.from_preset("coco_stuff", vocabulary_path=str(path))
+        return EngineSpec(config, stub=StubOptions())
+
+    plain, named = spec("sky, wall"), spec("[bg] sky, wall")
+    renamed = spec("[background] sky, wall")
+    assert plain.vocabulary_hash == named.vocabulary_hash == renamed.vocabulary_hash
+    assert "display_names" not in plain.identity()  # outputs without names keep their identity
+    assert named.identity()["display_names"] == ["bg", "tree"]
+    prints = {fingerprint_of(s.identity()) for s in (plain, named, renamed)}
+    assert len(prints) == 3  # a resume cannot mix "bg" and "background" shards
+
+
+def test_audit_overlays_use_the_engine_palette():
+    import numpy as np
+
+    from cass_engine.overlay import palette as engine_palette
+    from pipeline.audit.plots import palette
+
+    colors = palette(21).astype(int)
+    assert colors.shape == (23, 3)
+    assert (colors[:21] == engine_palette(21)).all()
+    assert min(np.abs(colors[i] - colors[i + 1]).sum() for i in range(20)) > 40
