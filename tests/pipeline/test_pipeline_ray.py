@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pycocotools.coco import COCO
+from support.contract import stub_job
 from support.images import edge_case_images, encode, photo, photos, tar_bytes, write_vocabulary
 
 from cass_engine import CassConfig
@@ -49,17 +50,6 @@ def _upload_webdataset(fs, prefix: str, num_shards: int, per_shard: int) -> dict
     return expected
 
 
-def _job(input_uri: str, output_uri: str, vocab: Path, server=None,
-         stub: StubOptions | None = None, io_options: dict | None = None,
-         **compute: object) -> JobConfig:
-    config = CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab))
-    io_cfg = IOConfig(input_uri, output_uri, max_image_pixels=1_000_000,
-                      storage_options=server.storage_options if server else {},
-                      **(io_options or {}))
-    compute_cfg = ComputeConfig(**{"batch_size": 4, "progress_interval_s": 0.5, **compute})
-    return JobConfig(io_cfg, compute_cfg, EngineSpec(config, stub=stub or StubOptions()))
-
-
 def _rows(output_uri: str, server=None) -> list[dict]:
     options = server.storage_options if server else None
     return list(iter_label_rows(output_uri, options))
@@ -81,7 +71,7 @@ def test_end_to_end_s3_webdataset_to_s3_with_coco_export(ray_cpus, s3_server, vo
     images = _upload_webdataset(fs, f"{bucket}/wds", num_shards=3, per_shard=4)
     lines: list[str] = []
     output = f"s3://{bucket}/labels"
-    summary = run_job(_job(f"s3://{bucket}/wds", output, vocab_file, s3_server, actors=2),
+    summary = run_job(stub_job(f"s3://{bucket}/wds", output, vocab_file, s3_server, actors=2),
                       emit=lines.append)
     assert summary.status == "complete" and summary.exit_code == 0
     rows = _rows(output, s3_server)
@@ -116,7 +106,7 @@ def test_gcs_image_prefix_to_gcs_then_rerun_skips_everything(ray_cpus, gcs_serve
     for name, data in images.items():
         fs.pipe_file(f"{bucket}/photos/{name}", data)
     output = f"gs://{bucket}/labels"
-    job = _job(f"gs://{bucket}/photos", output, vocab_file, gcs_server,
+    job = stub_job(f"gs://{bucket}/photos", output, vocab_file, gcs_server,
                io_options={"images_per_shard": 2})
     summary = run_job(job, emit=lambda _: None)
     assert summary.status == "complete" and summary.record["totals"]["images"] == 5
@@ -161,10 +151,10 @@ def test_parquet_shards_and_limit_then_full_rerun(ray_cpus, s3_server, vocab_fil
         with fs.open(f"{bucket}/pq/part-{p}.parquet", "wb") as f:
             pq.write_table(table, f)
     output = f"s3://{bucket}/out"
-    limited = run_job(_job(f"s3://{bucket}/pq", output, vocab_file, s3_server,
+    limited = run_job(stub_job(f"s3://{bucket}/pq", output, vocab_file, s3_server,
                            io_options={"id_column": "id", "limit": 5}), emit=lambda _: None)
     assert limited.status == "limited" and limited.record["totals"]["images"] == 5
-    full = run_job(_job(f"s3://{bucket}/pq", output, vocab_file, s3_server,
+    full = run_job(stub_job(f"s3://{bucket}/pq", output, vocab_file, s3_server,
                         io_options={"id_column": "id"}), emit=lambda _: None)
     assert full.status == "complete"
     assert full.record["this_run"]["shards_skipped"] == 1
@@ -177,7 +167,7 @@ def test_limit_on_image_files_is_reported_limited_then_completed(ray_cpus, tmp_p
     (tmp_path / "in").mkdir()
     for i, array in enumerate(photos(5, 40)):
         (tmp_path / "in" / f"im{i}.png").write_bytes(encode(array))
-    job = _job(str(tmp_path / "in"), str(tmp_path / "out"), vocab_file,
+    job = stub_job(str(tmp_path / "in"), str(tmp_path / "out"), vocab_file,
                io_options={"images_per_shard": 2, "limit": 3}, actors=2)
     limited = run_job(job, emit=lambda _: None)
     assert limited.status == "limited" and limited.exit_code == 0
@@ -200,7 +190,7 @@ def test_resume_after_interruption_without_duplicates(ray_cpus, s3_server, vocab
         images[f"im{i:02d}.png"] = encode(array)
         fs.pipe_file(f"{bucket}/imgs/im{i:02d}.png", images[f"im{i:02d}.png"])
     output = f"s3://{bucket}/out"
-    job = _job(f"s3://{bucket}/imgs", output, vocab_file, s3_server,
+    job = stub_job(f"s3://{bucket}/imgs", output, vocab_file, s3_server,
                StubOptions(seconds_per_image=0.15), io_options={"images_per_shard": 2},
                actors=1, shards_per_actor=1, progress_interval_s=0.05)
 
@@ -234,7 +224,7 @@ def test_killed_actor_mid_run_is_replaced_and_its_shards_retried(ray_cpus, tmp_p
         images[f"im{i:02d}.png"] = encode(array)
         (tmp_path / "in" / f"im{i:02d}.png").write_bytes(images[f"im{i:02d}.png"])
     stub = StubOptions(die_after_images=3, marker_dir=str(tmp_path))
-    summary = run_job(_job(str(tmp_path / "in"), str(tmp_path / "out"), vocab_file, stub=stub,
+    summary = run_job(stub_job(str(tmp_path / "in"), str(tmp_path / "out"), vocab_file, stub=stub,
                            io_options={"images_per_shard": 3}, actors=2),
                       emit=lambda _: None)
     assert (tmp_path / "stub-died").exists()
@@ -249,7 +239,7 @@ def test_changed_weights_are_refused_even_after_a_failed_start(ray_cpus, tmp_pat
     (tmp_path / "in").mkdir()
     for i, array in enumerate(photos(3, 40)):
         (tmp_path / "in" / f"im{i}.png").write_bytes(encode(array))
-    job = _job(str(tmp_path / "in"), str(tmp_path / "out"), vocab_file,
+    job = stub_job(str(tmp_path / "in"), str(tmp_path / "out"), vocab_file,
                io_options={"images_per_shard": 2})
     assert run_job(job, emit=lambda _: None).status == "complete"
     record_path = tmp_path / "out" / "run.json"
@@ -270,7 +260,7 @@ def test_changed_weights_are_refused_even_after_a_failed_start(ray_cpus, tmp_pat
 def test_workers_that_do_not_start_in_time_fail_the_start(ray_cpus, tmp_path, vocab_file):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(encode(photo("coffee", 40)))
-    job = _job(str(tmp_path / "in"), str(tmp_path / "out"), vocab_file,
+    job = stub_job(str(tmp_path / "in"), str(tmp_path / "out"), vocab_file,
                stub=StubOptions(startup_seconds=30.0), startup_timeout_s=2.0)
     with pytest.raises(StartupError, match=r"did not start within 2 s \(--startup-timeout\)"):
         run_job(job, emit=lambda _: None)
@@ -285,7 +275,7 @@ def test_stalled_shard_restarts_its_worker_and_is_reported(ray_cpus, tmp_path, v
             array = np.full((66, 40, 3), 128, dtype=np.uint8)
         images[f"im{i:02d}.png"] = encode(array)
         (tmp_path / "in" / f"im{i:02d}.png").write_bytes(images[f"im{i:02d}.png"])
-    job = _job(str(tmp_path / "in"), str(tmp_path / "out"), vocab_file,
+    job = stub_job(str(tmp_path / "in"), str(tmp_path / "out"), vocab_file,
                stub=StubOptions(hang_on_height=66), io_options={"images_per_shard": 3},
                actors=2, max_attempts=2, stall_timeout_s=3.0)
     summary = run_job(job, emit=lambda _: None)
@@ -306,7 +296,7 @@ def test_slow_shard_that_keeps_finishing_images_is_not_stalled(ray_cpus, tmp_pat
     (tmp_path / "in").mkdir()
     for i, array in enumerate(photos(12, 40)):
         (tmp_path / "in" / f"im{i:02d}.png").write_bytes(encode(array))
-    job = _job(str(tmp_path / "in"), str(tmp_path / "out"), vocab_file,
+    job = stub_job(str(tmp_path / "in"), str(tmp_path / "out"), vocab_file,
                stub=StubOptions(seconds_per_image=0.4), actors=1, stall_timeout_s=2.0)
     summary = run_job(job, emit=lambda _: None)  # one shard of 12 images: ~5 s > 2 s
     assert summary.status == "complete", summary.record["failed_shards"]
@@ -327,7 +317,7 @@ def test_bad_inputs_are_error_rows_and_a_poison_shard_is_reported(ray_cpus, s3_s
     poison = np.zeros((77, 40, 3), dtype=np.uint8)
     fs.pipe_file(f"{bucket}/in/d-poison.tar", tar_bytes({"p.png": encode(poison)}))
     output = f"s3://{bucket}/out"
-    job = _job(f"s3://{bucket}/in", output, vocab_file, s3_server,
+    job = stub_job(f"s3://{bucket}/in", output, vocab_file, s3_server,
                StubOptions(die_on_height=77), actors=2, max_attempts=2)
     summary = run_job(job, emit=lambda _: None)
     assert summary.status == "incomplete" and summary.exit_code == 3

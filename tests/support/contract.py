@@ -28,11 +28,13 @@ def upload_shards(fs, prefix: str, num_shards: int = 3, per_shard: int = 4) -> s
 
 def stub_job(input_uri: str, output_uri: str, vocab: Path, server=None,
              stub: StubOptions | None = None, policy: OutputPolicy | None = None,
-             **compute: object) -> JobConfig:
-    """A stub-engine job on ``server``'s store (or local/in-memory paths without one)."""
+             io_options: dict | None = None, **compute: object) -> JobConfig:
+    """A stub-engine job on ``server``'s store (or local/in-memory paths without one);
+    ``io_options`` are further :class:`IOConfig` fields, ``compute`` ComputeConfig fields."""
     config = CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab))
     io_cfg = IOConfig(input_uri, output_uri, max_image_pixels=1_000_000,
-                      storage_options=server.storage_options if server else {})
+                      storage_options=server.storage_options if server else {},
+                      **(io_options or {}))
     compute_cfg = ComputeConfig(**{"batch_size": 4, "progress_interval_s": 0.5, **compute})
     return JobConfig(io_cfg, compute_cfg, EngineSpec(config, stub=stub or StubOptions()),
                      policy or OutputPolicy())
