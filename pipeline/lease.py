@@ -227,14 +227,19 @@ class Lease:
             return True
 
     def _replace(self, data: bytes) -> str:
-        """Replace our last version with ``data``; our own write answered late (retried,
-        then refused) counts as done."""
+        """Replace our last version with ``data``. Our own write answered late (retried,
+        then refused) counts as done; a version of ours that landed while its answer was
+        lost (so :attr:`token` is stale) is replaced in turn, conditionally on it."""
         try:
             return replace_object(self.fs, self.path, data, self.token)
         except PreconditionFailed:
             current = read_object(self.fs, self.path)
             if current is not None and current[0] == data:
                 return current[1]
+            holder = Holder.parse(current[0]) if current is not None else None
+            if holder is not None and (holder.run_id, holder.started_at) == (
+                    self.run_id, self.started_at):
+                return replace_object(self.fs, self.path, data, current[1])
             raise
 
     def start_renewing(self) -> None:

@@ -83,3 +83,30 @@ def test_an_expired_lease_certifies_nothing_until_its_holder_retakes_it(outage):
     retake.join()
     assert not lease.lost.is_set()
     lease.release()
+
+
+def test_a_renewal_that_landed_without_an_answer_does_not_lose_the_lease(tmp_path,
+                                                                          monkeypatch):
+    import pipeline.lease as lease_module
+
+    fs, root = open_uri(str(tmp_path / "out"))
+    now = [1_000.0]
+    lease = Lease(fs, root, "run-a", "2026-01-01T00:00:00Z", ttl_s=120, clock=lambda: now[0])
+    lease.acquire()
+    real = lease_module.replace_object
+
+    def lands_then_times_out(*args):
+        real(*args)  # the write reaches storage...
+        raise TimeoutError("read timed out")  # ...but its answer is lost
+
+    monkeypatch.setattr(lease_module, "replace_object", lands_then_times_out)
+    now[0] += 30
+    assert not lease.renew() and not lease.lost.is_set()
+    monkeypatch.setattr(lease_module, "replace_object", real)
+    now[0] += 30
+    assert lease.renew() and not lease.lost.is_set()  # its stale token is not another run
+    assert read_holder(fs, root).expires_at == now[0] + 120
+    other = Lease(fs, root, "run-b", "2026-01-01T00:01:00Z", ttl_s=120, clock=lambda: now[0])
+    now[0] += 200  # expired: run-b takes it over, and run-a's next renewal is refused
+    other.acquire()
+    assert not lease.renew() and lease.lost.is_set()
