@@ -147,7 +147,7 @@ class CpuProcesses:
         self.processes, self.max_image_pixels = processes, max_image_pixels
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
-        self._prefix = f"cass-pixels-{os.getpid()}-{uuid.uuid4().hex[:8]}-" \
+        self._prefix = f"{PIXEL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-" \
             if os.path.isdir(PIXEL_DIR) else ""
 
     def pool(self) -> ProcessPoolExecutor:
@@ -222,6 +222,28 @@ def _watch_owner(pid: int, started: str | None, prefix: str,
         time.sleep(interval_s)
     _remove_pixel_files(prefix)
     os._exit(0)
+
+
+PIXEL_PREFIX = "cass-pixels-"
+
+
+def remove_stale_pixel_files(directory: str = PIXEL_DIR) -> int:
+    """Delete pixel files whose actor (the pid in their name) is gone: ``ray.kill`` ends an
+    actor and its children at once, before they can clean up. Returns how many."""
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:  # no such directory here: pixels went through the pipe
+        return 0
+    for name in names:
+        pid = name[len(PIXEL_PREFIX):].split("-", 1)[0] if name.startswith(PIXEL_PREFIX) else ""
+        if pid.isdigit() and _start_time(int(pid)) == "gone":
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed += 1
+            except FileNotFoundError:  # another worker removed it
+                pass
+    return removed
 
 
 def _remove_pixel_files(prefix: str) -> None:

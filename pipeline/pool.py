@@ -11,6 +11,7 @@ gone and no other node has a free GPU), so the scheduler gives it no shard until
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -184,7 +185,13 @@ class WorkerPool:
                 out.append(None)
         return out
 
-    def shutdown(self) -> None:
+    def shutdown(self, close_timeout_s: float = 5.0) -> None:
+        """Stop every actor. With decode processes, idle actors first close them (their
+        semaphores and pixel files go with them), waiting at most ``close_timeout_s``."""
+        if self.spec.compute.cpu_processes and self.actors:
+            with contextlib.suppress(Exception):
+                ray.wait([a.close.remote() for a in self.actors], num_returns=len(self.actors),
+                         timeout=close_timeout_s)
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
 

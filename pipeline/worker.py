@@ -38,7 +38,13 @@ from PIL import Image
 from schemas.io import open_uri
 
 from .config import ComputeConfig, EngineSpec, IOConfig
-from .cpu_pool import CpuProcessDied, CpuProcesses, resolve_processes, taken
+from .cpu_pool import (
+    CpuProcessDied,
+    CpuProcesses,
+    remove_stale_pixel_files,
+    resolve_processes,
+    taken,
+)
 from .decode import DecodedImage, decode_image, max_encoded_bytes
 from .encode import encode_result, failure_row
 from .engine import build_engine, choose_device, set_engine_vocabulary
@@ -118,6 +124,7 @@ class LabelWorker:
         self._out_fs, self._out_root = open_uri(spec.io.output_uri, spec.io.storage_options)
         self._run_metadata = dict(spec.run_metadata)
         remove_stale_spools()  # left by workers killed mid-shard on this node
+        remove_stale_pixel_files()  # left by decode processes of killed workers
         self.engine_seconds = 0.0
         self._fault_streak = 0  # images in a row that failed alone, not about the image
         self._live: dict[str, ShardCounts] = {}

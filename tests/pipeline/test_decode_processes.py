@@ -191,3 +191,16 @@ def test_a_ray_job_with_cpu_processes_labels_every_image(ray_cpus, tmp_path, voc
     assert summary.status == "complete"
     rows = _rows(tmp_path / "out")
     assert len(rows) == len(cases) and sum(r["status"] == "ok" for r in rows) == 20
+
+
+def test_pixel_files_of_killed_actors_are_removed_when_a_worker_starts(tmp_path):
+    from pipeline.cpu_pool import PIXEL_PREFIX, remove_stale_pixel_files
+
+    stale = tmp_path / f"{PIXEL_PREFIX}{2**22 + 11}-abcd1234-x1"  # above Linux's largest pid
+    live = tmp_path / f"{PIXEL_PREFIX}{os.getpid()}-abcd1234-x2"
+    other = tmp_path / "unrelated-file"
+    for path in (stale, live, other):
+        path.write_bytes(b"pixels")
+    assert remove_stale_pixel_files(str(tmp_path)) == 1
+    assert not stale.exists() and live.exists() and other.exists()
+    assert remove_stale_pixel_files(str(tmp_path / "missing")) == 0
