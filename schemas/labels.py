@@ -84,10 +84,12 @@ def categories_from_classes(classes: Sequence[Sequence[str]],
 
 
 def vocabulary_line(category: Category) -> str:
-    """The vocabulary line that gives ``category`` back: ``[name] query, ...`` when the
-    display name is not one of its queries, else the queries (display name first)."""
-    if category.name in category.synonyms or not category.synonyms:
-        return ", ".join(dict.fromkeys([category.name, *category.synonyms]))
+    """The vocabulary line that gives ``category`` back, queries in their order:
+    ``[name] query, ...`` unless the display name is the first query."""
+    if not category.synonyms:
+        return category.name
+    if category.name == category.synonyms[0]:
+        return ", ".join(category.synonyms)
     return f"[{category.name}] " + ", ".join(category.synonyms)
 
 

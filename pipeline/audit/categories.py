@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cass_engine.vocabulary import VocabularyError, split_display_name
+
 from .errors import AuditError
 
 
@@ -52,14 +54,22 @@ def normalize_name(name: str) -> str:
 
 
 def parse_class_list(text: str, source: str) -> list[GtCategory]:
-    """A class list file: one class per non-blank line, synonyms separated by ``", "``.
+    """A class list file: one class per non-blank line, synonyms separated by ``", "``; a
+    line may start with a display name in brackets (``[background] sky, wall``, as the
+    vocabulary format and the PNG export's ``classes.txt`` write it), which names the class.
 
     Line ``i`` (counting non-blank lines from 0) is label value ``i`` of the masks.
     """
     classes = []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
-            names = [n.strip() for n in line.split(", ") if n.strip()]
+            try:
+                display, rest = split_display_name(line.strip(), f"{source}, line {number}")
+            except VocabularyError as error:
+                raise AuditError(str(error)) from None
+            names = [n.strip() for n in rest.split(", ") if n.strip()]
+            if display is not None:
+                names = [display, *(n for n in names if n != display)]
             classes.append(GtCategory(names[0], tuple(names[1:]), len(classes)))
     if not classes:
         raise AuditError(f"class list {source} is empty: expected one class per line")

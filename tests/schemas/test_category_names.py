@@ -72,3 +72,24 @@ def test_audit_overlays_use_the_engine_palette():
     assert colors.shape == (23, 3)
     assert (colors[:21] == engine_palette(21)).all()
     assert min(np.abs(colors[i] - colors[i + 1]).sum() for i in range(20)) > 40
+
+
+@pytest.mark.parametrize("line", ["[cat] kitten, cat", "[background] sky, wall", "sky, wall",
+                                  "[a, b] c", "person"])
+def test_vocabulary_lines_keep_the_queries_in_order(line):
+    vocab = parse_vocabulary(line + "\n")
+    (cat,) = categories_from_classes(vocab.classes, vocab.class_names)
+    again = parse_vocabulary(vocabulary_line(cat) + "\n")
+    assert again.classes == vocab.classes and again.class_names == vocab.class_names
+    assert again.content_hash() == vocab.content_hash()
+
+
+def test_the_audit_reads_the_class_lists_the_png_export_writes():
+    from pipeline.audit.categories import parse_class_list
+
+    vocab = parse_vocabulary("[vehicle] car, truck\nsky\n[greenery] plant\n")
+    lines = [vocabulary_line(c) for c in categories_from_classes(vocab.classes,
+                                                                  vocab.class_names)]
+    gt = parse_class_list("\n".join(lines) + "\n", "classes.txt")
+    assert [(c.name, c.synonyms) for c in gt] == [
+        ("vehicle", ("car", "truck")), ("sky", ()), ("greenery", ("plant",))]
