@@ -35,8 +35,9 @@ DONE_SUFFIX = ".json"
 
 
 def open_uri(uri: str, storage_options: Mapping | None = None) -> tuple[Any, str]:
-    """The fsspec filesystem and path of any URI (output, input, report, weights): the one
-    opener of the product, with trailing slashes removed."""
+    """The fsspec filesystem and path of a URI (output, input, report, ground truth), with
+    trailing slashes removed: the opener of the pipeline, audits, reviews and jobs (the
+    engine, which imports only ``schemas.uris``, opens weight URLs in its stager)."""
     from fsspec.core import url_to_fs
 
     fs, root = url_to_fs(uri, **dict(storage_options or {}))
