@@ -20,12 +20,14 @@ children are forked from it with both loaded.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -230,31 +232,33 @@ PIXEL_PREFIX = "cass-pixels-"
 def remove_stale_pixel_files(directory: str = PIXEL_DIR) -> int:
     """Delete pixel files whose actor (the pid in their name) is gone: ``ray.kill`` ends an
     actor and its children at once, before they can clean up. Returns how many."""
-    removed = 0
+    def stale(name: str) -> bool:
+        if not name.startswith(PIXEL_PREFIX):
+            return False
+        pid = name[len(PIXEL_PREFIX):].split("-", 1)[0]
+        return pid.isdigit() and _start_time(int(pid)) == "gone"
+
+    return _remove_files(directory, stale)
+
+
+def _remove_pixel_files(prefix: str) -> None:
+    if prefix:
+        _remove_files(PIXEL_DIR, lambda name: name.startswith(prefix))
+
+
+def _remove_files(directory: str, wanted: Callable[[str], bool]) -> int:
+    """Delete the files of ``directory`` whose names are ``wanted``; returns how many (a
+    missing directory, or a file another process removed first, counts as nothing)."""
     try:
         names = os.listdir(directory)
     except OSError:  # no such directory here: pixels went through the pipe
         return 0
-    for name in names:
-        pid = name[len(PIXEL_PREFIX):].split("-", 1)[0] if name.startswith(PIXEL_PREFIX) else ""
-        if pid.isdigit() and _start_time(int(pid)) == "gone":
-            try:
-                os.unlink(os.path.join(directory, name))
-                removed += 1
-            except FileNotFoundError:  # another worker removed it
-                pass
+    removed = 0
+    for name in filter(wanted, names):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, name))
+            removed += 1
     return removed
-
-
-def _remove_pixel_files(prefix: str) -> None:
-    if not prefix:
-        return
-    for name in os.listdir(PIXEL_DIR):
-        if name.startswith(prefix):
-            try:
-                os.unlink(os.path.join(PIXEL_DIR, name))
-            except FileNotFoundError:  # another child removed it
-                pass
 
 
 def _start_time(pid: int) -> str | None:
