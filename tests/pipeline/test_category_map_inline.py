@@ -7,14 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from support.contract import label_in_process
 from support.images import encode, photos, write_vocabulary
 
 from cass_engine import CassConfig
 from jobs.audit import main as audit_main
 from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig, is_inline_json
-from pipeline.plan import plan_job
 from pipeline.stub import StubOptions
-from pipeline.worker import LabelWorker, WorkerSpec
 
 CLASSES = ["sky, clouds", "tree", "road"]
 
@@ -29,14 +28,8 @@ def labels(tmp_path_factory: pytest.TempPathFactory) -> str:
     vocab = write_vocabulary(root / "vocab.txt", CLASSES)
     engine = EngineSpec(CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab)),
                         stub=StubOptions())
-    io_cfg = IOConfig(str(root / "in"), str(root / "out"))
-    compute = ComputeConfig(batch_size=2)
-    plan = plan_job(JobConfig(io_cfg, compute, engine))
-    worker = LabelWorker(WorkerSpec(engine, io_cfg, compute, plan.fingerprint,
-                                    plan.file_metadata({})))
-    for shard in plan.todo:
-        worker.process_shard(shard)
-    plan.release()
+    label_in_process(JobConfig(IOConfig(str(root / "in"), str(root / "out")),
+                               ComputeConfig(batch_size=2), engine))
     return str(root / "out")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from support.contract import label_in_process
 from support.images import encode, exif_rotated_jpeg, photo, tar_bytes, write_vocabulary
 
 from cass_engine import CassConfig
@@ -19,9 +20,7 @@ from jobs import export_coco
 from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig
 from pipeline.decode import decode_image
 from pipeline.exports import ExportError, safe_relative_path
-from pipeline.plan import plan_job
 from pipeline.stub import StubOptions, stub_confidence, stub_labels
-from pipeline.worker import LabelWorker, WorkerSpec
 from schemas.confidence import level_of, quantize
 
 CLASSES = ["sky, clouds", "tree", "person, man", "road", "building"]
@@ -50,12 +49,7 @@ def label(root: Path, confidence: bool = True) -> Path:
     engine = EngineSpec(CassConfig.from_preset("coco_stuff", vocabulary_path=str(vocab)),
                         random_weights=0, stub=StubOptions())
     io_cfg = IOConfig(str(root / "in"), str(root / "out"), confidence=confidence)
-    compute = ComputeConfig(batch_size=2)
-    plan = plan_job(JobConfig(io_cfg, compute, engine))
-    worker = LabelWorker(WorkerSpec(engine, io_cfg, compute, plan.fingerprint,
-                                    plan.file_metadata({})))
-    for shard in plan.todo:
-        worker.process_shard(shard)
+    label_in_process(JobConfig(io_cfg, ComputeConfig(batch_size=2), engine), release=False)
     return root / "out"
 
 

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from support import REPO  # noqa: E402
+from support.contract import label_in_process
 from support.images import encode, photo, write_vocabulary
 from test_export import expected_maps, label
 
@@ -18,9 +19,7 @@ from cass_engine import CassConfig
 from pipeline import dataset as dataset_module
 from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig
 from pipeline.dataset import LabelDataset
-from pipeline.plan import plan_job
 from pipeline.stub import StubOptions, stub_labels
-from pipeline.worker import LabelWorker, WorkerSpec
 from schemas.confidence import MAX_QUANTISATION_ERROR, level_of, quantize
 
 
@@ -124,11 +123,7 @@ def test_parquet_shards_are_joined_by_their_id_column(tmp_path):
                         stub=StubOptions())
     io_cfg = IOConfig(str(tmp_path / "in"), str(tmp_path / "out"), id_column="name",
                       confidence=True)
-    plan = plan_job(JobConfig(io_cfg, ComputeConfig(batch_size=2), engine))
-    worker = LabelWorker(WorkerSpec(engine, io_cfg, ComputeConfig(batch_size=2),
-                                    plan.fingerprint, plan.file_metadata({})))
-    for shard in plan.todo:
-        worker.process_shard(shard)
+    label_in_process(JobConfig(io_cfg, ComputeConfig(batch_size=2), engine), release=False)
     got = {i: (image, lab) for image, lab, _, i in LabelDataset(str(tmp_path / "out"),
                                                                 with_ids=True)}
     assert sorted(got) == ["part/id-0", "part/id-1"]

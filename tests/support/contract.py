@@ -7,7 +7,9 @@ from pathlib import Path
 
 from cass_engine import CassConfig
 from pipeline.config import ComputeConfig, EngineSpec, IOConfig, JobConfig, OutputPolicy
+from pipeline.plan import JobPlan, plan_job
 from pipeline.stub import StubOptions
+from pipeline.worker import LabelWorker, WorkerSpec
 from schemas.completion import check_output
 from support.images import encode, photos, tar_bytes
 
@@ -43,3 +45,16 @@ def stub_job(input_uri: str, output_uri: str, vocab: Path, server=None,
 def certified_records(fs, root: str) -> dict[str, dict]:
     """``{shard_id: completion record}`` of every certified shard of the output."""
     return {sid: c.record for sid, c in check_output(fs, root).certified.items()}
+
+
+def label_in_process(job: JobConfig, release: bool = True) -> JobPlan:
+    """Plan ``job`` and label its shards with one :class:`LabelWorker` in this process (no
+    Ray); the lease is released afterwards unless ``release`` is False. Returns the plan."""
+    plan = plan_job(job)
+    worker = LabelWorker(WorkerSpec(job.engine, job.io, job.compute, plan.fingerprint,
+                                    plan.file_metadata({})))
+    for shard in plan.todo:
+        worker.process_shard(shard)
+    if release:
+        plan.release()
+    return plan
